@@ -1,0 +1,1 @@
+from sae_unlearn.cli.main import app as app

@@ -1,0 +1,183 @@
+"""Concept packs: what to forget (forget corpus), what to keep (retain corpus), coherence prompts
+(used by CRISP) and probes (multiple-choice questions in rings of distance from the concept).
+
+A pack is a directory with `concept.toml`:
+
+    name = "harry-potter"
+    description = "..."
+    [files.forget]     path = "forget.txt"     provenance = "..."
+    [files.retain]     path = "retain.txt"     provenance = "..."
+    [files.coherence]  path = "coherence.txt"  provenance = "..."   # one prompt per line
+    [files.probes]     path = "probes.jsonl"   provenance = "..."
+
+Probe lines: {"id", "prompt", "answer", "distractors": [3 strings], "ring": target|near|mid|far}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sae_unlearn.concepts.corpus import read_corpus
+from sae_unlearn.errors import UserError
+
+PACKS_DIR = Path(__file__).parent / "packs"
+RINGS = ("target", "near", "mid", "far")
+REQUIRED_FILES = ("forget", "retain", "coherence", "probes")
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: str
+    prompt: str
+    answer: str
+    distractors: tuple[str, ...]
+    ring: str
+
+    @property
+    def options(self) -> list[str]:
+        return [self.answer, *self.distractors]
+
+
+def _hash_fraction(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+@dataclass
+class ConceptPack:
+    name: str
+    description: str
+    root: Path
+    forget: list[str]
+    retain: list[str]
+    coherence: list[str]
+    probes: list[Probe]
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def probes_in(self, ring: str) -> list[Probe]:
+        return [p for p in self.probes if p.ring == ring]
+
+    def probe_split(self, part: str, tune_fraction: float = 0.5) -> list[Probe]:
+        """`tune` probes may steer settings; `report` probes (disjoint, fixed by id hash) are reported."""
+        if part not in ("tune", "report", "all"):
+            raise UserError(f"unknown probe split {part!r}", "use tune, report or all")
+        if part == "all":
+            return list(self.probes)
+        return [p for p in self.probes if (_hash_fraction(p.id) < tune_fraction) == (part == "tune")]
+
+    def forget_split(self, part: str, n_relearn: int = 32, n_heldout: int = 24) -> list[str]:
+        """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation)."""
+        ranked = sorted(self.forget, key=lambda t: _hash_fraction("forget:" + t))
+        if len(ranked) < n_relearn + n_heldout + 8:
+            return ranked  # tiny packs: every split sees everything
+        splits = {"relearn": ranked[:n_relearn], "heldout": ranked[n_relearn:n_relearn + n_heldout],
+                  "train": ranked[n_relearn + n_heldout:]}
+        if part not in splits:
+            raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
+        return splits[part]
+
+    def retain_split(self, part: str, heldout_fraction: float = 0.15) -> list[str]:
+        """`train` retain paragraphs and disjoint `heldout` ones for measuring retention."""
+        if part not in ("train", "heldout"):
+            raise UserError(f"unknown retain split {part!r}", "use train or heldout")
+        held = [t for t in self.retain if _hash_fraction("retain:" + t) < heldout_fraction]
+        return held if part == "heldout" else [t for t in self.retain if t not in set(held)]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.forget, self.retain, self.coherence, [json.dumps(p.__dict__, sort_keys=True) for p in self.probes]):
+            for text in part:
+                h.update(text.encode())
+                h.update(b"\0")
+        return h.hexdigest()[:16]
+
+
+def list_packs() -> list[str]:
+    return sorted(p.name.replace("_", "-") for p in PACKS_DIR.iterdir() if (p / "concept.toml").exists())
+
+
+def resolve_pack_dir(spec: str | Path) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    builtin = PACKS_DIR / str(spec).replace("-", "_")
+    if builtin.is_dir():
+        return builtin
+    raise UserError(f"unknown concept pack {spec!r}", f"use a built-in pack ({', '.join(list_packs())}) or a directory")
+
+
+def load_probes(path: Path) -> list[Probe]:
+    """Read and validate a probe JSONL file; errors name the file, line and field."""
+    if not path.exists():
+        raise UserError(f"probe file not found: {path}", "check the path")
+    probes: list[Probe] = []
+    seen: set[str] = set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text", "convert it with iconv -t utf-8") from e
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        for key in ("id", "prompt", "answer", "ring"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UserError(f"{where}: field {key!r} is missing or not a non-empty string")
+        distractors = row.get("distractors")
+        if not isinstance(distractors, list) or len(distractors) < 1 or not all(
+                isinstance(d, str) and d.strip() for d in distractors):
+            raise UserError(f"{where}: field 'distractors' must be a list of non-empty strings")
+        if row["ring"] not in RINGS:
+            raise UserError(f"{where}: field 'ring' is {row['ring']!r}", f"use one of {', '.join(RINGS)}")
+        lowered = [d.strip().lower() for d in distractors]
+        if row["answer"].strip().lower() in lowered:
+            raise UserError(f"{where}: field 'distractors' contains the answer {row['answer']!r}")
+        if len(set(lowered)) != len(lowered):
+            raise UserError(f"{where}: field 'distractors' repeats an option")
+        if row["id"] in seen:
+            raise UserError(f"{where}: field 'id' {row['id']!r} is used twice")
+        seen.add(row["id"])
+        probes.append(Probe(row["id"], row["prompt"].strip(), row["answer"].strip(),
+                            tuple(d.strip() for d in distractors), row["ring"]))
+    if not probes:
+        raise UserError(f"probe file {path} has no probes")
+    return probes
+
+
+def load_pack(spec: str | Path) -> ConceptPack:
+    root = resolve_pack_dir(spec)
+    toml_path = root / "concept.toml"
+    if not toml_path.exists():
+        raise UserError(f"{root} has no concept.toml", "add one naming the forget, retain, coherence and probes files")
+    try:
+        meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{toml_path}: {e}") from e
+    files = meta.get("files", {})
+    for key in REQUIRED_FILES:
+        entry = files.get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UserError(f"{toml_path}: [files.{key}] with a path is missing", f"add [files.{key}] path = \"...\"")
+        if not (root / entry["path"]).exists():
+            raise UserError(f"{root / entry['path']} (files.{key} in {toml_path}) does not exist", "add the file or fix the path")
+    coherence_path = root / files["coherence"]["path"]
+    coherence = [line.strip() for line in coherence_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not coherence:
+        raise UserError(f"{coherence_path} is empty", "add one coherence prompt per line")
+    return ConceptPack(
+        name=str(meta.get("name", root.name)), description=str(meta.get("description", "")), root=root,
+        forget=read_corpus(root / files["forget"]["path"]), retain=read_corpus(root / files["retain"]["path"]),
+        coherence=coherence, probes=load_probes(root / files["probes"]["path"]),
+        provenance={k: str(v.get("provenance", "")) for k, v in files.items() if isinstance(v, dict)},
+    )

@@ -1,0 +1,83 @@
+"""`compare` / `demo`: run several methods on one concept pack and evaluate them beside the base model.
+
+DIR/features/          features.json, stats.safetensors, report.html
+DIR/runs/METHOD/       one run directory per method
+DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result}}
+DIR/report.html        every metric side by side, plots, generations before/after
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sae_unlearn.concepts.pack import ConceptPack
+from sae_unlearn.errors import UserError
+from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
+from sae_unlearn.features import find_features
+from sae_unlearn.io import atomic_write_json, atomic_write_text
+from sae_unlearn.methods import METHODS, unlearn
+from sae_unlearn.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+GOALS = {"target_within_chance_points": 10, "far_drop_max_points": 2, "near_drop_max_points": 8,
+         "retain_ppl_rise_max": 0.05, "forget_prompt_fluency_ratio_max": 2.0, "relearn_recovery_max": 0.5}
+
+
+@dataclass
+class CompareConfig:
+    methods: list[str] = field(default_factory=lambda: ["crisp", "clamp", "ablate", "rmu"])
+    sae: str = "shipped"
+    strategy: str = "crisp"
+    k: int = 10
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"unknown method {unknown[0]!r}", f"use some of {', '.join(sorted(METHODS))}")
+
+
+def compare(loaded: LoadedModel, pack: ConceptPack, out: Path, cfg: CompareConfig,
+            stage: Callable[[str], None] | None = None,
+            progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    say = stage or (lambda _m: None)
+    out.mkdir(parents=True, exist_ok=True)
+    saes, selection = [], None
+    if any(METHODS[m].needs_saes for m in cfg.methods):
+        from sae_unlearn.saes import load_saes_for
+
+        say("feature selection")
+        saes = load_saes_for(loaded, cfg.sae)
+        selection = find_features(loaded, saes, pack, cfg.strategy, k=cfg.k)
+        selection.write(out / "features")
+    results: dict[str, Any] = {"version": 1, "concept": pack.name, "model": loaded.spec,
+                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "goals": GOALS, "methods": {}}
+    say("evaluate base")
+    results["methods"]["base"] = evaluate(loaded, pack, None, cfg=cfg.eval, name="base",
+                                          progress=lambda m: say(f"evaluate base: {m}"))
+    _write(out, results)
+    for method in cfg.methods:
+        say(f"unlearn {method}")
+        run_dir = out / "runs" / method
+        unlearn(method, loaded, pack, run_dir, options=cfg.method_options.get(method, {}), saes=saes,
+                sae_spec=cfg.sae, features=selection, progress=progress)
+        say(f"evaluate {method}")
+        results["methods"][method] = evaluate(loaded, pack, run_dir, cfg=cfg.eval, name=method,
+                                              progress=lambda m, method=method: say(f"evaluate {method}: {m}"))
+        _write(out, results)
+    return results
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    from sae_unlearn.evaluation.report import render_compare_report
+
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "report.html", render_compare_report(results))

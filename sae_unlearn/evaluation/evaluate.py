@@ -1,0 +1,194 @@
+"""`evaluate`: forgetting, retention, fluency, feature re-activation and robustness of the base model
+or of the base model with a run applied. Only the `report` probe split is scored by default: the
+`tune` split is the one settings may be chosen on.
+
+results.json schema (version 1), one object per evaluated model:
+    {"version": 1, "name", "model", "run", "method", "probe_split",
+     "probes": {"rings": {ring: {"logprob": {"acc", "ci95", "n"}, "letter": {...}, "letter_all_permutations": {...}}}},
+     "retention": {"retain_heldout_ppl", "generic_ppl"},
+     "fluency": {"coherence": F, "forget_prompts": F}   F = {"base_ppl", "repeated_3gram_share", "distinct_2",
+                                                             "foreign_script_share", "samples": [{"prompt", "text"}]},
+     "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
+     "adversarial": {"templates": {name: acc}, "worst_case": acc} | null,
+     "relearning": {"steps", "lr", "paragraphs", "curve": [{"step", "target_acc"}]} | null,
+     "lm_eval": {task: {metric: value}} | null, "seconds"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_unlearn.concepts.pack import ConceptPack, Probe
+from sae_unlearn.evaluation.robustness import adversarial, relearning_attack
+from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
+from sae_unlearn.evaluation.text import fluency_metrics, perplexity
+from sae_unlearn.features import load_features
+from sae_unlearn.features.statistics import encode_layers, iter_batches
+from sae_unlearn.methods import apply, attach_permanently
+from sae_unlearn.models.generation import generate
+from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.runs import read_config
+from sae_unlearn.saes.loading import load_saes
+
+log = logging.getLogger(__name__)
+RESULTS_VERSION = 1
+GENERIC_TEXT = Path(__file__).parent / "data" / "generic_heldout.txt"
+
+
+@dataclass
+class EvalConfig:
+    probe_split: str = "report"
+    letter: bool = True
+    adversarial: bool = True
+    relearn: bool = True
+    relearn_steps: int = 20
+    relearn_lr: float = 3e-4
+    relearn_eval_at: list[int] = field(default_factory=lambda: [0, 10, 20])
+    fluency_tokens: int = 32
+    max_probes_per_ring: int | None = None
+    max_ppl_texts: int = 40
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+
+
+def forget_prompts(pack: ConceptPack) -> list[str]:
+    path = pack.root / "prompts.txt"
+    if path.exists():
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [" ".join(t.split()[:5]) for t in pack.forget_split("heldout")[:8]]
+
+
+def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg: EvalConfig) -> list[Probe]:
+    chosen = list(probes) if probes is not None else (pack.probe_split(cfg.probe_split) if pack else [])
+    if not chosen:
+        raise ValueError("no probes")
+    if cfg.max_probes_per_ring is not None:
+        by_ring: dict[str, list[Probe]] = {}
+        for p in chosen:
+            by_ring.setdefault(p.ring, []).append(p)
+        chosen = [p for ring in by_ring.values() for p in ring[: cfg.max_probes_per_ring]]
+    return chosen
+
+
+@contextlib.contextmanager
+def model_under_test(loaded: LoadedModel, run_dir: Path | None) -> Iterator[Any]:
+    if run_dir is None:
+        yield loaded.model
+    else:
+        with apply(loaded, run_dir) as model:
+            yield model
+
+
+@torch.no_grad()
+def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequence[str]) -> dict[int, float]:
+    """Summed activation of the run's selected features over valid tokens of `texts`, per layer."""
+    config = read_config(run_dir)
+    selection = load_features(run_dir)
+    saes = [s for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device))
+            if s.layer in selection.by_layer()]
+    probe = dataclasses.replace(loaded, model=model)
+    totals = dict.fromkeys(selection.by_layer(), 0.0)
+    for batch in iter_batches(texts, loaded.tokenizer, 8, 256):
+        latents, mask = encode_layers(probe, saes, batch)
+        for layer, idx in selection.by_layer().items():
+            totals[layer] += float((latents[layer][..., idx].clamp_min(0) * mask.unsqueeze(-1)).sum())
+    return totals
+
+
+def evaluate(loaded: LoadedModel, pack: ConceptPack | None = None, run_dir: Path | None = None,
+             probes: Sequence[Probe] | None = None, cfg: EvalConfig | None = None, name: str | None = None,
+             base_levels: dict[int, float] | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    cfg = cfg or EvalConfig()
+    start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    chosen = select_probes(pack, probes, cfg)
+    method = read_config(run_dir)["method"] if run_dir is not None else "base"
+    targets = [p for p in chosen if p.ring == "target"]
+    result: dict[str, Any] = {"version": RESULTS_VERSION, "name": name or method, "model": loaded.spec,
+                              "run": str(run_dir) if run_dir else None, "method": method,
+                              "probe_split": cfg.probe_split if probes is None else "given"}
+    prompts = {"coherence": pack.coherence[:8] if pack else [], "forget_prompts": forget_prompts(pack) if pack else []}
+    generations: dict[str, list[str]] = {}
+    with model_under_test(loaded, run_dir) as model:
+        say("probes")
+        result["probes"] = score_probes(model, loaded.tokenizer, chosen, letter=cfg.letter)
+        say("perplexity")
+        result["retention"] = {
+            "retain_heldout_ppl": perplexity(model, loaded.tokenizer, pack.retain_split("heldout")[: cfg.max_ppl_texts])
+            if pack else None,
+            "generic_ppl": perplexity(model, loaded.tokenizer, _generic_texts()[: cfg.max_ppl_texts]),
+            "forget_heldout_ppl": perplexity(model, loaded.tokenizer, pack.forget_split("heldout")) if pack else None,
+        }
+        say("generations")
+        for key, ps in prompts.items():
+            generations[key] = generate(model, loaded.tokenizer, ps, cfg.fluency_tokens) if ps else []
+        if run_dir is not None and pack is not None and (run_dir / "features.json").exists():
+            say("feature re-activation")
+            levels = feature_levels(loaded, model, run_dir, pack.forget_split("heldout"))
+            result["reactivation_levels"] = levels
+        if cfg.adversarial and targets:
+            say("adversarial prompts")
+            result["adversarial"] = adversarial(model, loaded.tokenizer, targets,
+                                                pack.probe_split("tune") if pack else targets)
+        if cfg.lm_eval_tasks:
+            from sae_unlearn.evaluation.lm_eval_bridge import run_lm_eval
+
+            say("lm-eval")
+            result["lm_eval"] = run_lm_eval(model, loaded.tokenizer, cfg.lm_eval_tasks, limit=cfg.lm_eval_limit,
+                                            include_path=cfg.lm_eval_include, device=str(loaded.device))
+    say("fluency")
+    result["fluency"] = {key: fluency_metrics(loaded.model, loaded.tokenizer, prompts[key], texts)
+                         for key, texts in generations.items() if texts}
+    if "reactivation_levels" in result:
+        levels = result.pop("reactivation_levels")
+        base = base_levels if base_levels is not None else feature_levels(loaded, loaded.model, run_dir,  # type: ignore[arg-type]
+                                                                           pack.forget_split("heldout"))  # type: ignore[union-attr]
+        per_layer = {str(k): (levels[k] / base[k] if base.get(k) else float("nan")) for k in levels}
+        result["reactivation"] = {"fraction": sum(levels.values()) / max(1e-9, sum(base.values())), "per_layer": per_layer}
+    else:
+        result["reactivation"] = None
+    result.setdefault("adversarial", None)
+    result.setdefault("lm_eval", None)
+    if cfg.relearn and pack is not None and targets:
+        say("relearning attack")
+        result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg)
+    else:
+        result["relearning"] = None
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> float:
+    lp = option_logprobs(model, tokenizer, targets)
+    return float(np.mean([int(np.argmax(s)) == 0 for s in lp]))
+
+
+def relearn(loaded: LoadedModel, run_dir: Path | None, pack: ConceptPack, targets: Sequence[Probe],
+            cfg: EvalConfig) -> dict[str, Any]:
+    """Relearning attack on a throwaway copy of the model with the run made permanent."""
+    import copy
+
+    attack = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    with contextlib.ExitStack() as stack:
+        model = attach_permanently(attack, run_dir, stack) if run_dir is not None else attack.model
+        model.requires_grad_(False)
+        return relearning_attack(model, loaded.tokenizer, pack.forget_split("relearn"),
+                                 lambda m: target_accuracy(m, loaded.tokenizer, targets), steps=cfg.relearn_steps,
+                                 lr=cfg.relearn_lr, eval_at=cfg.relearn_eval_at)
+
+
+def _generic_texts() -> list[str]:
+    text = GENERIC_TEXT.read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]

@@ -1,0 +1,145 @@
+"""Streaming SAE feature statistics over a forget and a retain corpus (all SAE layers from one pass).
+
+Per layer and latent: firing counts (activation > 0), summed and max activations, over valid tokens
+only (BOS and padding masked). Cached on disk, keyed by a hash of model, SAEs, corpora and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.io import atomic_write_text, cache_dir, hash_json, sha256_file
+from sae_unlearn.models.hooks import capture_resid_post, special_token_ids, valid_token_mask
+from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.saes.loading import LoadedSAE
+
+log = logging.getLogger(__name__)
+STATS_VERSION = 1
+SIDES = ("forget", "retain")
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one SAE layer; each tensor has one entry per latent."""
+
+    layer: int
+    forget_count: torch.Tensor
+    retain_count: torch.Tensor
+    forget_sum: torch.Tensor
+    retain_sum: torch.Tensor
+    forget_max: torch.Tensor
+    retain_max: torch.Tensor
+    forget_tokens: int
+    retain_tokens: int
+
+    @property
+    def forget_rate(self) -> torch.Tensor:
+        return self.forget_count / max(1, self.forget_tokens)
+
+    @property
+    def retain_rate(self) -> torch.Tensor:
+        return self.retain_count / max(1, self.retain_tokens)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"L{self.layer}.{name}": getattr(self, name).contiguous() for name in
+                ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")}
+
+
+def iter_batches(texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded batches of whole paragraphs (truncated at max_length), BOS added by the tokenizer."""
+    tokenizer.padding_side = "right"
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length)
+
+
+def encode_layers(loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor],
+                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """SAE latents [B, T, d_sae] per layer for one batch, and the valid-token mask [B, T]."""
+    ids = batch["input_ids"].to(loaded.device)
+    attn = batch["attention_mask"].to(loaded.device)
+    with torch.no_grad():
+        acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
+        latents = {s.layer: s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype)).float() for s in saes}
+    return latents, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+
+
+def stats_key(loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str],
+              max_length: int) -> str:
+    sae_ids = []
+    for s in saes:
+        weights = Path(s.spec) / "sae_weights.safetensors"
+        sae_ids.append(sha256_file(weights) if weights.exists() else s.spec)
+    corpus = hash_json([list(forget), list(retain)])
+    return hash_json({"v": STATS_VERSION, "model": loaded.source, "dtype": str(loaded.dtype), "saes": sae_ids,
+                      "corpus": corpus, "max_length": max_length})
+
+
+def compute_stats(loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str],
+                  batch_size: int = 8, max_length: int = 256, use_cache: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> dict[int, LayerStats]:
+    if not forget:
+        raise UserError("the forget corpus is empty", "give the concept pack a forget file with text")
+    if not retain:
+        raise UserError("the retain corpus is empty", "give the concept pack a retain file with text")
+    key = stats_key(loaded, saes, forget, retain, max_length)
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    if use_cache and path.exists():
+        log.info("reusing cached feature statistics %s", path.name)
+        return load_stats(path)
+    acc: dict[int, dict[str, Any]] = {}
+    for s in saes:
+        zeros = torch.zeros(s.d_sae)
+        acc[s.layer] = {f"{side}_{kind}": zeros.clone() for side in SIDES for kind in ("count", "sum", "max")}
+        acc[s.layer].update(forget_tokens=0, retain_tokens=0)
+    total = len(forget) + len(retain)
+    done = 0
+    for side, texts in (("forget", forget), ("retain", retain)):
+        for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
+            latents, mask = encode_layers(loaded, saes, batch)
+            for layer, z in latents.items():
+                zv = z[mask.to(z.device)].cpu()
+                a = acc[layer]
+                a[f"{side}_count"] += (zv > 0).sum(0)
+                a[f"{side}_sum"] += zv.sum(0)
+                a[f"{side}_max"] = torch.maximum(a[f"{side}_max"], zv.max(0).values if len(zv) else a[f"{side}_max"])
+                a[f"{side}_tokens"] += zv.shape[0]
+            done += batch["input_ids"].shape[0]
+            if progress is not None:
+                progress(done, total)
+    stats = {layer: LayerStats(layer=layer, **a) for layer, a in acc.items()}
+    save_stats(path, stats)
+    return stats
+
+
+def save_stats(path: Path, stats: dict[int, LayerStats]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for s in stats.values():
+        tensors.update(s.tensors())
+    meta = {str(s.layer): {"forget_tokens": s.forget_tokens, "retain_tokens": s.retain_tokens} for s in stats.values()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
+    tmp.replace(path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta))
+
+
+def load_stats(path: Path) -> dict[int, LayerStats]:
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    out = {}
+    for layer_str, tokens in meta.items():
+        layer = int(layer_str)
+        fields = {name: tensors[f"L{layer}.{name}"] for name in
+                  ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")}
+        out[layer] = LayerStats(layer=layer, **fields, **tokens)
+    return out

@@ -1,0 +1,96 @@
+"""Atomic writes and output-directory guards: nothing a user had is overwritten or lost."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sae_unlearn.errors import UserError
+
+
+def cache_dir() -> Path:
+    """Where converted models and cached statistics live (override with SAE_UNLEARN_CACHE)."""
+    root = os.environ.get("SAE_UNLEARN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sae-unlearn"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename.
+
+    An existing `final` is kept unless `overwrite`; with `overwrite` the old one is moved aside
+    first and removed only after the new one is in place.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise UserError(f"{final} already exists", "pass --overwrite to replace it, or choose another path")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool, marker_files: tuple[str, ...] = ()) -> Path:
+    """Create an output directory, refusing one that already holds results.
+
+    With `overwrite`, only files this tool writes (`marker_files`) are replaced, never deleted
+    wholesale: a user's other files in the directory stay untouched.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a directory", "choose a directory path for --out")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already holds files", "pass --overwrite to write into it, or choose an empty --out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,194 @@
+"""CRISP (arXiv 2508.13650): a LoRA adapter trained so the selected SAE features stop firing on
+forget text while hidden states on retain text stay as they were.
+
+Two objectives:
+- `published`: unlearn = mean of the selected features' activations after adding the margin
+  |alpha * mean(pre_acts)| to their pre-activations, on tokens where the frozen model had them
+  active; retain = MSE of hidden states at the SAE layers; coherence = MSE of the final hidden
+  state on one coherence prompt per step. total = (1-beta)*unlearn + beta*retain + beta*gamma*coherence.
+- `ablation` (default): the persistent twin of feature ablation. On forget text the adapted hidden
+  state at each SAE layer is trained toward the frozen one with the selected features' decoded
+  contribution scaled by `ablation_scale` (error term kept), so the text stays on-distribution;
+  retain and coherence terms are relative MSEs. Fluency of forget-prompt generations is checked
+  every `fluency_every` steps and training stops (restoring the last fluent adapter) when the
+  base model's perplexity of them exceeds `max_fluency_ratio` x that of its own generations.
+The frozen reference is the same model with the adapter disabled: no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.methods.base import Method, MethodContext, register
+from sae_unlearn.methods.persistent import (
+    AdapterTrainer,
+    TrainState,
+    default_lora_layers,
+    hidden_at_layers,
+    relative_mse,
+    tokenize,
+)
+from sae_unlearn.saes.loading import LoadedSAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CrispConfig:
+    objective: str = "ablation"  # or "published"
+    lora_r: int = 4
+    lora_alpha: int | None = None  # default 2r
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    lora_layers: list[int] | None = None  # default: from one below the first SAE layer to the deepest
+    steps: int = 200
+    batch_size: int = 4
+    max_length: int = 128
+    lr: float = 3e-4  # published: 1e-5 (Gemma-2-2B, 625 steps); third parties 1e-4..5e-4
+    alpha: float = 5.0  # published margin (Gemma); 30 for Llama
+    beta: float = 0.99
+    gamma: float = 0.01
+    ablation_scale: float = -3.0
+    retain_weight: float = 1.0  # ablation objective: weight of the retain term
+    coherence_weight: float = 0.1  # ablation objective: weight of the coherence term
+    fluency_every: int = 50
+    max_fluency_ratio: float = 2.0
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("published", "ablation"):
+            raise UserError(f"unknown CRISP objective {self.objective!r}", "use published or ablation")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_r
+
+
+def _pre_acts(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    sae_in = sae.process_sae_in(x)
+    pre = sae_in @ sae.W_enc + sae.b_enc
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        pre = pre * sae.W_dec.norm(dim=-1)
+    return pre
+
+
+def published_unlearn_loss(sae: Any, adapted: torch.Tensor, frozen_active: torch.Tensor, features: torch.Tensor,
+                           valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Mean selected activation after the margin, on valid tokens where the frozen model had it active."""
+    pre = _pre_acts(sae, adapted.to(sae.W_enc.dtype))
+    margin = (alpha * pre.mean(-1, keepdim=True)).abs()
+    pre = pre.index_add(-1, features, margin.expand(*pre.shape[:-1], len(features)))
+    acts = sae.activation_fn(pre)[..., features]
+    weight = frozen_active & valid.unsqueeze(-1)
+    return (acts * weight).sum() / weight.sum().clamp_min(1)
+
+
+def ablation_target(sae: Any, frozen: torch.Tensor, features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Frozen hidden state with the selected latents scaled by `scale` where they fire (error term kept)."""
+    z = sae.encode(frozen.to(sae.W_enc.dtype))[..., features]
+    delta = ((scale - 1.0) * z) @ sae.W_dec[features]
+    return frozen + delta.to(frozen.dtype)
+
+
+@register
+class CrispMethod(Method):
+    name = "crisp"
+    persistent = True
+    Config = CrispConfig
+
+    def run(self, ctx: MethodContext) -> dict[str, Any]:
+        cfg: CrispConfig = self.config
+        if ctx.features is None:
+            raise UserError("CRISP needs selected features", "run feature selection first")
+        by_layer = ctx.features.by_layer()
+        saes = {s.layer: s for s in ctx.saes if s.layer in by_layer}
+        missing = sorted(set(by_layer) - set(saes))
+        if missing:
+            raise UserError(f"features were selected on layers {missing} but no SAE for them is loaded")
+        lora_layers = cfg.lora_layers if cfg.lora_layers is not None else default_lora_layers(list(by_layer))
+        if max(lora_layers) < max(by_layer):
+            log.warning("LoRA reaches block %d but the deepest SAE layer is %d: features there can only change "
+                        "through earlier blocks", max(lora_layers), max(by_layer))
+        trainer = AdapterTrainer(ctx, lora_layers, cfg.target_modules, cfg.lora_r, int(cfg.lora_alpha or 8),
+                                 cfg.lora_dropout, cfg.lr, cfg.seed, amsgrad=True)
+        loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
+        summary = trainer.train(loss_fn, cfg.steps, cfg.checkpoint_every,
+                                fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
+                                max_fluency_ratio=cfg.max_fluency_ratio)
+        return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
+
+
+class _CrispLoss:
+    """Callable(step) -> (total, {term: value}); deterministic batches from (seed, step)."""
+
+    def __init__(self, ctx: MethodContext, cfg: CrispConfig, saes: dict[int, LoadedSAE],
+                 features: dict[int, torch.Tensor]) -> None:
+        self.ctx, self.cfg, self.saes, self.features = ctx, cfg, saes, features
+        self.layers = sorted(features)
+        self.forget = ctx.pack.forget_split("train")
+        self.retain = ctx.pack.retain_split("train")
+        self.coherence = ctx.pack.coherence
+        if len(self.forget) < cfg.batch_size or len(self.retain) < cfg.batch_size:
+            raise UserError("the forget or retain split is smaller than one batch", "lower --batch-size or add text")
+
+    def _batch(self, texts: list[str], step: int, salt: int) -> list[str]:
+        per_epoch = len(texts) // self.cfg.batch_size
+        epoch, i = divmod(step, per_epoch)
+        order = list(range(len(texts)))
+        random.Random(self.cfg.seed * 1000 + salt * 100 + epoch).shuffle(order)
+        return [texts[j] for j in order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]]
+
+    def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, loaded = self.cfg, self.ctx.loaded
+        forget = tokenize(loaded.tokenizer, self._batch(self.forget, step, 1), cfg.max_length, loaded.device)
+        retain = tokenize(loaded.tokenizer, self._batch(self.retain, step, 2), cfg.max_length, loaded.device)
+        coherence = tokenize(loaded.tokenizer, [self.coherence[step % len(self.coherence)]], cfg.max_length, loaded.device)
+
+        with model.disable_adapter(), torch.no_grad():
+            frozen_f = hidden_at_layers(model, forget, self.layers)
+            frozen_r = hidden_at_layers(model, retain, self.layers)
+            frozen_c = hidden_at_layers(model, coherence, None)
+        adapted_f = hidden_at_layers(model, forget, self.layers)
+        adapted_r = hidden_at_layers(model, retain, self.layers)
+        adapted_c = hidden_at_layers(model, coherence, None)
+
+        unlearn = torch.zeros((), device=loaded.device)
+        for layer in self.layers:
+            sae, feats = self.saes[layer].sae, self.features[layer].to(loaded.device)
+            if cfg.objective == "published":
+                with torch.no_grad():
+                    active = sae.encode(frozen_f.hidden[layer].to(sae.W_enc.dtype))[..., feats] > 0
+                unlearn = unlearn + published_unlearn_loss(sae, adapted_f.hidden[layer], active, feats,
+                                                           forget.valid, cfg.alpha)
+            else:
+                with torch.no_grad():
+                    target = ablation_target(sae, frozen_f.hidden[layer], feats, cfg.ablation_scale)
+                unlearn = unlearn + relative_mse(adapted_f.hidden[layer], target, forget.valid)
+        unlearn = unlearn / len(self.layers)
+
+        if cfg.objective == "published":
+            retain_loss = sum(((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
+                              for layer in self.layers) / len(self.layers)
+            coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[coherence.valid].mean()
+            total = (1 - cfg.beta) * unlearn + cfg.beta * retain_loss + cfg.beta * cfg.gamma * coherence_loss
+        else:
+            retain_loss = sum(relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid)
+                              for layer in self.layers) / len(self.layers)
+            coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
+            total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
+        terms = {"unlearn": float(unlearn), "retain": float(retain_loss), "coherence": float(coherence_loss)}
+        if not math.isfinite(float(total)):
+            bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
+            raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")
+        return total, terms
+
+
+__all__ = ["CrispConfig", "CrispMethod", "Path", "TrainState"]

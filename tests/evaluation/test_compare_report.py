@@ -1,0 +1,122 @@
+"""render_compare_report on a hand-built compare results dict: methods, plots, escaping, offline, goals."""
+
+from __future__ import annotations
+
+import math
+from html.parser import HTMLParser
+
+import pytest
+
+from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report
+
+EVIL = "<b>& it"
+GOALS = {"target_within_chance_points": 10, "far_drop_max_points": 2, "near_drop_max_points": 8,
+         "retain_ppl_rise_max": 0.05, "forget_prompt_fluency_ratio_max": 2.0, "relearn_recovery_max": 0.5,
+         "custom_goal": 3}
+
+
+def _acc(acc: float | None) -> dict:
+    return {"acc": acc, "ci95": [acc - 0.05, acc + 0.05] if acc is not None else [math.nan, math.nan], "n": 40}
+
+
+def _result(name: str, rings: dict[str, float], retain: float, fp_ppl: float, curve: list[float] | None,
+            text: str, reactivation: float | None) -> dict:
+    samples = [{"prompt": "The wizard", "text": text}]
+    return {
+        "version": 1, "name": name, "method": name, "model": "m",
+        "probes": {"rings": {r: {"logprob": _acc(a), "letter": _acc(a), "letter_all_permutations": None}
+                             for r, a in rings.items()}},
+        "retention": {"retain_heldout_ppl": retain, "generic_ppl": None, "forget_heldout_ppl": 30.0},
+        "fluency": {"forget_prompts": {"base_ppl": fp_ppl, "repeated_3gram_share": 0.0, "distinct_2": 0.9,
+                                       "foreign_script_share": None, "samples": samples},
+                    "coherence": {"base_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]}},
+        "reactivation": {"fraction": reactivation, "per_layer": {}} if reactivation is not None else None,
+        "adversarial": {"templates": {}, "worst_case": _acc(0.4)} if name != "clamp" else None,
+        "relearning": None if curve is None else {"steps": 20, "lr": 3e-4, "paragraphs": 5,
+                                                  "curve": [{"step": 10 * i, "target_acc": a} for i, a in
+                                                            enumerate(curve)]},
+        "lm_eval": {"hellaswag": {"acc_norm": 0.5}} if name == "base" else None,
+        "seconds": 12.3,
+    }
+
+
+@pytest.fixture()
+def results() -> dict:
+    methods = {
+        "base": _result("base", {"target": 0.9, "near": 0.7, "mid": 0.75, "far": 0.8}, 10.0, 20.0,
+                        [0.9, 0.9, 0.9], "Harry raised his wand", None),
+        "crisp": _result("crisp", {"target": 0.30, "near": 0.65, "mid": 0.74, "far": 0.77}, 10.4, 50.0,
+                         [0.3, 0.4, 0.45], EVIL, 0.1),
+        "clamp": _result("clamp", {"target": 0.5, "near": 0.6, "mid": 0.7, "far": 0.79}, 11.0, 25.0,
+                         None, "clamped text", 0.3),
+    }
+    methods["clamp"]["fluency"]["coherence"] = None
+    return {"version": 1, "concept": "harry_potter", "model": "gemma <2b>", "created": "2025-01-01T00:00:00",
+            "goals": GOALS, "methods": methods}
+
+
+def test_goals_hand_checked(results: dict) -> None:
+    rows = {k: (g, m, ok) for k, g, m, ok in goal_rows(results)}
+    assert rows["target_within_chance_points"][1] == pytest.approx(5.0)
+    assert rows["target_within_chance_points"][2] is True
+    assert rows["far_drop_max_points"][1] == pytest.approx(3.0) and rows["far_drop_max_points"][2] is False
+    assert rows["near_drop_max_points"][1] == pytest.approx(5.0) and rows["near_drop_max_points"][2] is True
+    assert rows["retain_ppl_rise_max"][1] == pytest.approx(0.04) and rows["retain_ppl_rise_max"][2] is True
+    assert rows["forget_prompt_fluency_ratio_max"][1] == pytest.approx(2.5)
+    assert rows["forget_prompt_fluency_ratio_max"][2] is False
+    assert rows["relearn_recovery_max"][1] == pytest.approx(0.25) and rows["relearn_recovery_max"][2] is True
+    assert rows["custom_goal"] == (3, None, None)
+
+
+def test_goals_without_crisp_are_unmeasured(results: dict) -> None:
+    del results["methods"]["crisp"]
+    assert all(m is None and ok is None for _, _, m, ok in goal_rows(results))
+    assert "<svg" in render_compare_report(results)
+
+
+def test_page(results: dict) -> None:
+    page = render_compare_report(results)
+    for name in ("base", "crisp", "clamp"):
+        assert name in page
+    assert 'class="chance"' in page and "stroke-dasharray" in page
+    for pid in ("plot-rings", "plot-tradeoff", "plot-relearning", "plot-reactivation"):
+        assert f'<svg id="{pid}"' in page
+    assert page.count("<svg") == 4
+    assert "&lt;b&gt;&amp; it" in page and EVIL not in page
+    assert "gemma &lt;2b&gt;" in page
+    low = page.lower()
+    assert "src=" not in low and "<link" not in low and "http" not in low and "<script" not in low
+    assert "0.90 [0.85, 0.95]" in page
+    assert "hellaswag" in page
+    assert "far_drop_max_points: 2" in page and '<span class="fail">fail</span>' in page
+    assert '<span class="pass">pass</span>' in page and "custom_goal: 3" in page
+
+
+def test_page_is_well_formed(results: dict) -> None:
+    void = {"meta", "br", "hr", "img", "input", "link"}
+
+    class Checker(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag not in void:
+                self.stack.append(tag)
+
+        def handle_startendtag(self, tag: str, attrs: list) -> None:
+            pass
+
+        def handle_endtag(self, tag: str) -> None:
+            assert self.stack and self.stack.pop() == tag, tag
+
+    checker = Checker()
+    checker.feed(render_compare_report(results))
+    assert checker.stack == []
+
+
+def test_empty_and_fmt() -> None:
+    page = render_compare_report({"methods": {"base": {"probes": None, "fluency": {}}}})
+    assert "—" in page and page.count("<svg") == 4
+    assert fmt(None) == "—" and fmt(math.nan) == "—" and fmt(0.123456) == "0.123" and fmt(1234.5) == "1234"
+    assert fmt(20) == "20"
