@@ -22,16 +22,21 @@ import random
 import re
 from pathlib import Path
 
-import gensim
-from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
 log = logging.getLogger("build_generic_corpus")
-DATA = Path(gensim.__file__).parent / "test" / "test_data"
 VOCAB_EXTRA = (1, 106)  # eos, end-of-turn
 
 
+def gensim_data() -> Path:
+    import gensim  # only needed for the real text, not for --sample-only
+
+    return Path(gensim.__file__).parent / "test" / "test_data"
+
+
 def wiki_articles() -> list[tuple[str, list[str]]]:
-    path = next(DATA.glob("enwiki-latest-pages-articles1*shortened.bz2"))
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = next(gensim_data().glob("enwiki-latest-pages-articles1*shortened.bz2"))
     articles = []
     with bz2.open(path) as f:
         for title, text, _pageid in extract_pages(f):
@@ -52,7 +57,7 @@ def wiki_articles() -> list[tuple[str, list[str]]]:
 
 
 def news_articles() -> list[str]:
-    lines = (DATA / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = (gensim_data() / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
     return [re.sub(r"\s+", " ", line).strip() for line in lines if len(line.split()) >= 25]
 
 
@@ -65,7 +70,8 @@ def python_reference() -> list[str]:
 
 
 def sample_from_model(seeds: list[str], vocab_text: list[str], n_tokens: int, seed: int, batch: int = 192,
-                      new_tokens: int = 64, sink: Path | None = None) -> list[str]:
+                      new_tokens: int = 64, sink: Path | None = None, model: str = "embedded",
+                      device: str = "cpu") -> list[str]:
     """Continue seed sentences with the embedded model (top-k 40, temperature 0.9).
 
     Sampling is restricted to the tokens that occur in the real text: the 262k-token lm_head then
@@ -76,11 +82,11 @@ def sample_from_model(seeds: list[str], vocab_text: list[str], n_tokens: int, se
     from sae_unlearn.models.loading import load_model
 
     torch.manual_seed(seed)
-    loaded = load_model("embedded")
+    loaded = load_model(model, device=device)
     tok, model = loaded.tokenizer, loaded.model
     tok.padding_side = "left"
     vocab_ids = sorted({t for s in vocab_text for t in tok(s, add_special_tokens=False).input_ids} | set(VOCAB_EXTRA))
-    vocab = torch.tensor(vocab_ids)
+    vocab = torch.tensor(vocab_ids, device=loaded.device)
     head = model.get_output_embeddings().weight[vocab].float()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     body = model.get_decoder()
@@ -89,11 +95,16 @@ def sample_from_model(seeds: list[str], vocab_text: list[str], n_tokens: int, se
     rng = random.Random(seed)
     while made < n_tokens:
         prompts = [rng.choice(seeds) for _ in range(batch)]
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = tok(prompts, return_tensors="pt", padding=True).to(loaded.device)
         mask, ids, cache = enc.attention_mask, enc.input_ids, None
         generated = []
+        if loaded.device.type == "cuda":  # a GPU runs the plain HF sampler (full vocabulary) fast enough
+            with torch.no_grad():
+                full = model.generate(**enc, do_sample=True, top_k=40, temperature=0.9, max_new_tokens=new_tokens,
+                                      pad_token_id=tok.pad_token_id)
+            generated = [full[:, enc.input_ids.shape[1]:]]
         with torch.no_grad():
-            for _ in range(new_tokens):
+            for _ in range(0 if generated else new_tokens):
                 res = body(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
                 cache = res.past_key_values
                 logits = res.last_hidden_state[:, -1].float() @ head.T
@@ -121,10 +132,22 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=200_000, help="tokens of model-sampled text to add")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-samples", action="store_true", help="use DIR/sampled.txt from an earlier run")
+    parser.add_argument("--sample-only", type=Path, default=None, metavar="REAL_TRAIN_TXT",
+                        help="only sample (seeds and vocabulary from this real-text file), e.g. on a GPU machine "
+                             "without gensim; writes DIR/sampled.txt")
+    parser.add_argument("--model", default="embedded", help="model to sample from (a .gguf path works too)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=192)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
 
+    sampled_path = args.out / "sampled.txt"
+    if args.sample_only is not None:
+        real = [p for p in args.sample_only.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        sample_from_model([" ".join(p.split()[:12]) for p in real], real, args.sample_tokens, args.seed,
+                          batch=args.batch, sink=sampled_path, model=args.model, device=args.device)
+        return
     train: list[str] = []
     heldout: list[str] = []
     for i, (_title, paragraphs) in enumerate(wiki_articles()):
@@ -134,11 +157,11 @@ def main() -> None:
     for i, paragraph in enumerate(python_reference()):
         (heldout if i % 20 == 7 else train).append(paragraph)
     log.info("real text: %d train / %d held-out paragraphs", len(train), len(heldout))
-    sampled_path = args.out / "sampled.txt"
     if args.sample_tokens > 0 and not args.reuse_samples:
         seeds = [" ".join(p.split()[:12]) for p in train]
         vocab_text = train  # sampling vocabulary: every token of the real text
-        sample_from_model(seeds, vocab_text, args.sample_tokens, args.seed, sink=sampled_path)
+        sample_from_model(seeds, vocab_text, args.sample_tokens, args.seed, batch=args.batch, sink=sampled_path,
+                          model=args.model, device=args.device)
     if sampled_path.exists():
         train.extend(p for p in sampled_path.read_text(encoding="utf-8").split("\n\n") if p.strip())
     random.Random(args.seed).shuffle(train)
