@@ -183,6 +183,8 @@ class SAETrainer:
         self.since_fired = {layer: torch.zeros(d_sae) for layer in cfg.layers}
         self.state = TrainingState()
         self.stats: dict[int, NormStats] = {}
+        self.leftover: dict[int, torch.Tensor] = {}
+        self.last_checkpoint_step = 0
 
     # -- data ---------------------------------------------------------------------------------
     def _sequence_stream(self, start: int) -> Iterator[list[int]]:
@@ -202,10 +204,14 @@ class SAETrainer:
             yield layer_activations(self.loaded, ids, self.cfg.layers)
 
     def _training_batches(self) -> Iterator[dict[int, torch.Tensor]]:
-        """Shuffle-buffered SAE batches of normalised, outlier-free activations, all layers in step."""
-        gen = torch.Generator().manual_seed(self.cfg.seed + self.state.sequences_done)
-        buffer: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cfg.layers}
-        size = 0
+        """Shuffle-buffered SAE batches of normalised, outlier-free activations, all layers in step.
+
+        Each buffer fill is shuffled with a generator seeded by the stream position, and what is left
+        over after the full batches is kept in checkpoints: a resumed run sees exactly the same batches.
+        """
+        buffer: dict[int, list[torch.Tensor]] = {layer: [t] for layer, t in self.leftover.items()}
+        buffer = {layer: buffer.get(layer, []) for layer in self.cfg.layers}
+        size = sum(t.shape[0] for t in buffer[self.cfg.layers[0]])
         for acts in self._activation_stream(self.state.sequences_done):
             keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool)
             for layer, x in acts.items():
@@ -215,25 +221,32 @@ class SAETrainer:
             size += int(keep.sum())
             if size < self.cfg.buffer_tokens:
                 continue
-            yield from self._drain(buffer, gen, final=False)
+            yield from self._drain(buffer)
             size = sum(t.shape[0] for t in buffer[self.cfg.layers[0]])
-        yield from self._drain(buffer, gen, final=True)
+            self._boundary()
+        yield from self._drain(buffer)
 
-    def _drain(self, buffer: dict[int, list[torch.Tensor]], gen: torch.Generator,
-               final: bool) -> Iterator[dict[int, torch.Tensor]]:
+    def _drain(self, buffer: dict[int, list[torch.Tensor]]) -> Iterator[dict[int, torch.Tensor]]:
         joined = {layer: torch.cat(chunks) for layer, chunks in buffer.items() if chunks}
         if not joined:
             return
         n = next(iter(joined.values())).shape[0]
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.state.sequences_done)
         perm = torch.randperm(n, generator=gen)
         bs = self.cfg.sae_batch_tokens
-        n_out = n // bs if final else max(0, (n - self.cfg.buffer_tokens // 2) // bs)
+        n_out = n // bs
+        rest = perm[n_out * bs:]
+        self.leftover = {layer: x[rest] for layer, x in joined.items()}
+        for layer in buffer:
+            buffer[layer] = [self.leftover[layer]]
         for b in range(n_out):
             idx = perm[b * bs:(b + 1) * bs]
             yield {layer: x[idx] for layer, x in joined.items()}
-        rest = perm[n_out * bs:]
-        for layer, x in joined.items():
-            buffer[layer] = [x[rest]] if not final else []
+
+    def _boundary(self) -> None:
+        """Between buffer fills: the only points where a checkpoint captures the whole data state."""
+        if self.cfg.checkpoint_every and self.state.step - self.last_checkpoint_step >= self.cfg.checkpoint_every:
+            self.save_checkpoint()
 
     # -- optimisation -------------------------------------------------------------------------
     def _lr(self, total_steps: int) -> float:
@@ -266,7 +279,7 @@ class SAETrainer:
                 self.since_fired[layer][fired] = 0
                 fve = 1 - ((out.sae_out - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
             metrics[f"L{layer}.fve"] = float(fve)
-            metrics[f"L{layer}.mse"] = float(out.losses["mse_loss"])
+            metrics[f"L{layer}.mse"] = float(out.losses["mse_loss"].detach())
         self.state.step += 1
         self.state.tokens_trained += next(iter(batch.values())).shape[0]
         return metrics
@@ -284,12 +297,15 @@ class SAETrainer:
             tensors[f"L{layer}.since_fired"] = self.since_fired[layer]
             tensors[f"L{layer}.norm.mean"] = self.stats[layer].mean
             tensors[f"L{layer}.norm.scale"] = self.stats[layer].scale
+            if layer in self.leftover:
+                tensors[f"L{layer}.leftover"] = self.leftover[layer].contiguous()
         meta = {"state": asdict(self.state), "config": asdict(self.cfg),
                 "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()}}
         ckpt = self.out / "checkpoint"
         with atomic_dir(ckpt, overwrite=True) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        self.last_checkpoint_step = self.state.step
 
     def load_checkpoint(self) -> None:
         ckpt = self.out / "checkpoint"
@@ -316,7 +332,10 @@ class SAETrainer:
             self.since_fired[layer] = tensors[f"L{layer}.since_fired"]
             self.stats[layer] = NormStats(tensors[f"L{layer}.norm.mean"], tensors[f"L{layer}.norm.scale"],
                                           float(meta["max_norm"][str(layer)]))
+            if f"L{layer}.leftover" in tensors:
+                self.leftover[layer] = tensors[f"L{layer}.leftover"]
         self.state = TrainingState(**meta["state"])
+        self.last_checkpoint_step = self.state.step
         log.info("resumed at step %d (%d sequences done)", self.state.step, self.state.sequences_done)
 
     # -- main loop ----------------------------------------------------------------------------------
@@ -335,8 +354,6 @@ class SAETrainer:
                 self.state.history.append({"step": self.state.step, **metrics})
             if progress is not None:
                 progress(self.state.sequences_done, self.total_sequences, metrics)
-            if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint()
         self.save_checkpoint()
 
     # -- export ---------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sae_unlearn.concepts.corpus import read_corpus
+from sae_unlearn.concepts.pack import RINGS, load_pack, load_probes
+from sae_unlearn.errors import UserError
+from tests.conftest import write_pack
+
+GOOD = {"id": "q1", "prompt": "Who?", "answer": "A", "distractors": ["B", "C", "D"], "ring": "far"}
+
+
+def _probe_file(tmp_path: Path, rows: list) -> Path:
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_builtin_pack_meets_the_sizes() -> None:
+    pack = load_pack("harry-potter")
+    assert len(pack.forget) >= 250 and len(pack.retain) >= 250 and len(pack.coherence) >= 20
+    counts = {ring: len(pack.probes_in(ring)) for ring in RINGS}
+    assert counts["target"] >= 120 and min(counts["near"], counts["mid"], counts["far"]) >= 60
+    for text in pack.forget:
+        assert 60 <= len(text.split()) <= 200
+    tune, report = pack.probe_split("tune"), pack.probe_split("report")
+    assert tune and report and not {p.id for p in tune} & {p.id for p in report}
+    assert not set(pack.forget_split("relearn")) & set(pack.forget_split("train"))
+    assert not set(pack.retain_split("heldout")) & set(pack.retain_split("train"))
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({**GOOD, "distractors": ["A", "C", "D"]}, "contains the answer"),
+    ({k: v for k, v in GOOD.items() if k != "prompt"}, "field 'prompt' is missing"),
+    ({**GOOD, "ring": "close"}, "field 'ring' is 'close'"),
+    ({**GOOD, "distractors": "B"}, "field 'distractors' must be a list"),
+    ("{not json", "not valid JSON"),
+])
+def test_probe_validator_names_file_line_and_field(tmp_path: Path, row, message: str) -> None:
+    path = _probe_file(tmp_path, [GOOD | {"id": "q0"}, row])
+    with pytest.raises(UserError, match=message) as e:
+        load_probes(path)
+    assert f"{path}:2" in str(e.value)
+
+
+def test_duplicate_ids(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="used twice"):
+        load_probes(_probe_file(tmp_path, [GOOD, GOOD]))
+
+
+def test_pack_missing_file(tmp_path: Path) -> None:
+    root = write_pack(tmp_path / "p")
+    (root / "retain.txt").unlink()
+    with pytest.raises(UserError, match=r"retain.txt \(files.retain"):
+        load_pack(root)
+    with pytest.raises(UserError, match="unknown concept pack"):
+        load_pack("no-such-pack")
+
+
+def test_corpus_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\ntwo\n\n\nthree\n")
+    assert read_corpus(tmp_path / "a.txt") == ["one two", "three"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+    assert read_corpus(tmp_path / "b.jsonl") == ["x", "y"]
+    (tmp_path / "c.csv").write_text("id,body\n1,hello\n2,world\n")
+    assert read_corpus(tmp_path / "c.csv", column="body") == ["hello", "world"]
+    with pytest.raises(UserError, match="no column 'text'"):
+        read_corpus(tmp_path / "c.csv")
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["p", "q"]}).save_to_disk(str(tmp_path / "ds"))
+    assert read_corpus(tmp_path / "ds") == ["p", "q"]
+
+
+def test_corpus_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(UserError, match="is empty"):
+        read_corpus(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_corpus(tmp_path / "latin1.txt")
+    with pytest.raises(UserError, match="corpus not found"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": 1}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2"):
+        read_corpus(tmp_path / "bad.jsonl")

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.models.hooks import (
+    capture_resid_post,
+    decoder_blocks,
+    edit_resid_post,
+    hook_name,
+    parse_hook_name,
+    special_token_ids,
+    valid_token_mask,
+)
+from tests.conftest import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_capture_equals_hidden_states_l_plus_1(family: str) -> None:
+    model = tiny_model(family, vocab_size=300)
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        captured = capture_resid_post(model, ids, None, [0, 1, 2])
+    for layer in (0, 1, 2):  # the last block's hidden_states entry is after the final norm in some models
+        torch.testing.assert_close(captured[layer], hidden[layer + 1], rtol=0, atol=0)
+
+
+def test_capture_stops_after_deepest_layer() -> None:
+    model = tiny_model("llama", 300)
+    ran = []
+    for i, block in enumerate(decoder_blocks(model)):
+        block.register_forward_hook(lambda *_a, i=i: ran.append(i))
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *_a: head_calls.append(1))
+    capture_resid_post(model, torch.randint(3, 300, (1, 5)), None, [1])
+    assert ran == [0, 1] and head_calls == []
+
+
+def test_edit_changes_only_its_layer_and_is_removed() -> None:
+    model = tiny_model("gemma3_text", 300)
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        before = capture_resid_post(model, ids, None, [0, 1, 2], stop_early=False)
+        out_before = model(input_ids=ids).logits
+        with edit_resid_post(model, {1: lambda h, _ids: h + 1.0}):
+            during = capture_resid_post(model, ids, None, [0, 1, 2], stop_early=False)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(during[0], before[0], rtol=0, atol=0)
+    torch.testing.assert_close(during[1], before[1] + 1.0)
+    assert not torch.equal(during[2], before[2])
+    assert torch.equal(out_before, after)
+
+
+def test_edit_hook_sees_token_ids() -> None:
+    model = tiny_model("llama", 300)
+    seen = {}
+    ids = torch.randint(3, 300, (1, 4))
+
+    def fn(h: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        seen["ids"] = token_ids
+        return h
+
+    with torch.no_grad(), edit_resid_post(model, {0: fn}):
+        model(input_ids=ids)
+    assert torch.equal(seen["ids"], ids)
+
+
+def test_masks_bos_and_padding(tokenizer) -> None:
+    enc = tokenizer(["a b c", "a"], return_tensors="pt", padding=True)
+    mask = valid_token_mask(enc.input_ids, enc.attention_mask, special_token_ids(tokenizer))
+    assert not mask[:, 0].any()  # BOS
+    assert mask.sum() == enc.attention_mask.sum() - 2
+
+
+def test_hook_names_and_bad_layers() -> None:
+    assert parse_hook_name(hook_name(7)) == 7
+    with pytest.raises(UserError, match="unsupported hook point"):
+        parse_hook_name("blocks.3.hook_mlp_out")
+    with pytest.raises(UserError, match="out of range"):
+        capture_resid_post(tiny_model("llama", 300), torch.ones(1, 3, dtype=torch.long), None, [9])

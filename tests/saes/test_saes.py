@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_unlearn.errors import UserError
+from sae_unlearn.saes.loading import check_compatible, load_saes
+from sae_unlearn.saes.training import NormStats, SAETrainer, SAETrainingConfig
+from tests.conftest import RETAIN, FORGET, tiny_sae
+
+
+def test_round_trip_save_load(sae_dir: Path) -> None:
+    from sae_lens import SAE
+
+    saes = load_saes(str(sae_dir))
+    assert [s.layer for s in saes] == [1, 2]
+    direct = SAE.load_from_disk(str(sae_dir / "blocks.1.hook_resid_post"))
+    x = torch.randn(5, 64)
+    assert torch.equal(saes[0].sae.encode(x), direct.encode(x))
+
+
+def test_mismatch_errors_say_what_differs(sae_dir: Path) -> None:
+    saes = load_saes(str(sae_dir))
+    with pytest.raises(UserError, match="reads vectors of size 64 but the model's hidden size is 576"):
+        check_compatible(saes, n_layers=30, d_model=576)
+    with pytest.raises(UserError, match=r"reads blocks.2.hook_resid_post but the model has blocks 0..1"):
+        check_compatible(saes, n_layers=2, d_model=64)
+
+
+def test_bad_specs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown SAE spec"):
+        load_saes("nonsense")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match="holds no SAE"):
+        load_saes(str(tmp_path / "x"))
+    d = tmp_path / "y"
+    d.mkdir()
+    (d / "cfg.json").write_text(json.dumps({"architecture": "topk"}))
+    with pytest.raises(UserError, match="no sae_weights.safetensors"):
+        load_saes(str(d))
+
+
+def test_folded_normalisation_reads_raw_activations(loaded) -> None:
+    cfg = SAETrainingConfig(layers=[1], expansion=2, k=4, model_batch=4, context_size=16, sae_batch_tokens=32,
+                            buffer_tokens=64, norm_estimate_tokens=64, checkpoint_every=0)
+    trainer = SAETrainer(loaded, cfg, RETAIN * 3, Path("unused"), "tiny")
+    mean, scale = torch.randn(64), torch.rand(64) + 0.5
+    trainer.stats = {1: NormStats(mean, scale, 1e9)}
+    x = torch.randn(10, 64) * 3
+    inner = trainer.saes[1]
+    expected_acts = inner.encode(trainer.stats[1].apply(x))
+    expected_out = inner.decode(expected_acts) * scale + mean
+    folded = trainer.inference_sae(1)
+    torch.testing.assert_close(folded.encode(x), expected_acts, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded.decode(folded.encode(x)), expected_out, rtol=1e-4, atol=1e-3)
+
+
+def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
+    texts = (RETAIN + FORGET) * 4
+    cfg = SAETrainingConfig(layers=[1, 2], expansion=2, k=4, model_batch=4, context_size=16, sae_batch_tokens=32,
+                            buffer_tokens=64, norm_estimate_tokens=64, checkpoint_every=1, epochs=1.0)
+    full = SAETrainer(loaded, cfg, texts, tmp_path / "a", "tiny")
+    full.train()
+    assert full.state.step > 3
+    # interrupted after a checkpoint, then resumed: same weights as the uninterrupted run
+    part = SAETrainer(loaded, cfg, texts, tmp_path / "b", "tiny")
+
+    def stop(done: int, total: int, metrics: dict) -> None:
+        if part.state.step == full.state.step - 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        part.train(progress=stop)
+    assert 0 < part.last_checkpoint_step < full.state.step - 1
+    resumed = SAETrainer(loaded, cfg, texts, tmp_path / "b", "tiny")
+    resumed.train(resume=True)
+    assert resumed.state.step == full.state.step
+    for layer in (1, 2):
+        torch.testing.assert_close(resumed.saes[layer].W_enc, full.saes[layer].W_enc)
+    paths = full.export(tmp_path / "out")
+    assert [p.name for p in paths] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert len(load_saes(str(tmp_path / "out"))) == 2
+
+
+def test_empty_corpus_is_refused(loaded, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="corpus is empty"):
+        SAETrainer(loaded, SAETrainingConfig(layers=[1]), [], tmp_path, "tiny")
+
