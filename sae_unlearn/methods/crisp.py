@@ -184,7 +184,8 @@ class _CrispLoss:
                               for layer in self.layers) / len(self.layers)
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
             total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
-        terms = {"unlearn": float(unlearn), "retain": float(retain_loss), "coherence": float(coherence_loss)}
+        terms = {"unlearn": float(unlearn.detach()), "retain": float(retain_loss.detach()),
+                 "coherence": float(coherence_loss.detach())}
         if not math.isfinite(float(total)):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")

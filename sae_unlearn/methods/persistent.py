@@ -194,7 +194,7 @@ class AdapterTrainer:
                 total.backward()
                 self.opt.step()
                 self.state.step += 1
-                record = {"step": self.state.step, "total": float(total), **terms}
+                record = {"step": self.state.step, "total": float(total.detach()), **terms}
                 if check is not None and self.state.step % fluency_every == 0:
                     ratio = check.ratio(self.model)
                     record["fluency_ratio"] = ratio

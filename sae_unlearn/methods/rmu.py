@@ -96,7 +96,7 @@ class RmuMethod(Method):
                 h_r = hidden_at_layers(loaded.model, r_batch, [layer]).hidden[layer]
                 retain_loss = relative_mse(h_r, frozen_r, r_batch.valid)
                 total = forget_loss + cfg.alpha * retain_loss
-                if not torch.isfinite(total):
+                if not torch.isfinite(total.detach()):
                     raise UserError(f"RMU diverged at step {step}", "lower --lr")
                 for p in params.values():
                     p.grad = None
@@ -108,8 +108,8 @@ class RmuMethod(Method):
                 with torch.no_grad():
                     for k, p in params.items():
                         p.copy_(master[k].to(p.dtype))
-                terms = {"forget": float(forget_loss), "retain": float(retain_loss)}
-                train_log.write({"step": step + 1, "total": float(total), **terms})
+                terms = {"forget": float(forget_loss.detach()), "retain": float(retain_loss.detach())}
+                train_log.write({"step": step + 1, "total": float(total.detach()), **terms})
                 if ctx.progress is not None:
                     ctx.progress(step + 1, cfg.steps, terms)
             weights = {k: master[k].detach().to(loaded.dtype).contiguous() for k in params}

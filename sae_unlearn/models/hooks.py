@@ -37,11 +37,10 @@ def parse_hook_name(name: str) -> int:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # peft.PeftModel -> LoraModel -> the HF model
-    while hasattr(model, "base_model") and hasattr(model, "peft_config"):
-        model = model.base_model  # type: ignore[assignment]
-        if hasattr(model, "model") and hasattr(model, "peft_config"):
-            model = model.model  # type: ignore[assignment]
+    """The HF model inside a peft.PeftModel (LoRA layers stay in place, so they still run)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__name__.startswith("Peft"):
+        return get_base()
     return model
 
 

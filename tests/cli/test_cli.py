@@ -1,0 +1,70 @@
+"""Bad input gets one line on stderr naming the fix, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sae_unlearn.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _one_line_error(result, text: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["unlearn", "--method", "forget", "--out", "X"], "unknown method 'forget'"),
+    (["unlearn", "--method", "clamp", "--scale", "-3", "--out", "X"], "does not apply to method clamp"),
+    (["unlearn", "--method", "crisp", "--set", "objective=magic", "--out", "X"], "unknown CRISP objective"),
+    (["features", "--concept", "no-such-pack", "--out", "X"], "unknown concept pack"),
+    (["features", "--strategy", "magic", "--out", "X"], "unknown selection strategy"),
+    (["train-sae", "--corpus", "missing.txt", "--out", "X"], "corpus not found"),
+    (["train-sae", "--corpus", "c.txt", "--layers", "a,b", "--out", "X"], "not a comma-separated list"),
+    (["doctor", "--model", "nonsense"], "unknown model 'nonsense'"),
+    (["eval", "--out", "r.json"], "nothing to evaluate on"),
+    (["eval", "--concept", "harry-potter", "--run", "no-run-dir", "--out", "r.json"], "run directory not found"),
+    (["concept", "validate", "no-such-pack"], "unknown concept pack"),
+    (["compare", "--methods", "crisp,forget", "--out", "X"], "unknown method 'forget'"),
+])
+def test_bad_input_is_one_line(args: list[str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(run(*args), text)
+
+
+def test_existing_output_is_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    _one_line_error(run("features", "--out", str(out)), "already holds files")
+    (tmp_path / "r.json").write_text("{}")
+    _one_line_error(run("eval", "--concept", "harry-potter", "--out", "r.json"), "already exists")
+    assert (out / "mine.txt").read_text() == "keep me" and (tmp_path / "r.json").read_text() == "{}"
+
+
+def test_concept_list_and_validate() -> None:
+    result = run("concept", "list")
+    assert result.exit_code == 0 and "harry-potter" in result.output
+    result = run("concept", "validate", "harry-potter")
+    assert result.exit_code == 0 and "OK" in result.output
+
+
+def test_broken_pack_names_file_and_line(tmp_path: Path) -> None:
+    from tests.conftest import write_pack
+
+    root = write_pack(tmp_path / "p")
+    with (root / "probes.jsonl").open("a") as f:
+        f.write('{"id": "x", "prompt": "q?", "answer": "A", "distractors": ["A", "B", "C"], "ring": "far"}\n')
+    result = run("concept", "validate", str(root))
+    _one_line_error(result, "probes.jsonl:6: field 'distractors' contains the answer")

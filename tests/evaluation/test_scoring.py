@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_unlearn.concepts.pack import Probe
+from sae_unlearn.evaluation.scoring import (
+    accuracy,
+    bootstrap_ci,
+    letter_choices,
+    option_logprobs,
+    question_prompt,
+    score_probes,
+)
+from sae_unlearn.evaluation.text import distinct_n, foreign_script_share, repeated_ngram_share
+
+PROBES = [Probe("a", "Where does Zorbo live?", "Quendor", ("village", "spring", "tower"), "target"),
+          Probe("b", "What does Ben grow?", "barley", ("wheat", "oats", "corn"), "far")]
+
+
+def test_option_logprobs_match_a_full_forward(loaded) -> None:
+    tok = loaded.tokenizer
+    scores = option_logprobs(loaded.model, tok, PROBES, batch_size=3)
+    probe = PROBES[0]
+    prompt = tok(question_prompt(probe)).input_ids
+    opt = tok(" " + probe.answer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([prompt + opt])).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    expected = float(np.mean([logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(opt)]))
+    assert scores[0][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_letter_permutation_rule(loaded) -> None:
+    right = letter_choices(loaded.model, loaded.tokenizer, PROBES, n_permutations=4)
+    assert right.shape == (2, 4)
+    result = score_probes(loaded.model, loaded.tokenizer, PROBES)
+    for ring, idx in (("target", 0), ("far", 1)):
+        entry = result["rings"][ring]
+        assert entry["letter_all_permutations"]["acc"] == float(right[idx].all())
+        assert entry["letter"]["acc"] == float(right[idx, 0])
+        assert entry["letter_all_permutations"]["acc"] <= entry["letter"]["acc"]
+
+
+def test_bootstrap_ci_on_known_data() -> None:
+    assert bootstrap_ci([True] * 20) == (1.0, 1.0)
+    lo, hi = bootstrap_ci([True, False] * 200, seed=1)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.5 / np.sqrt(400), rel=0.2)
+    acc = accuracy([True, True, False, False])
+    assert acc.acc == 0.5 and acc.n == 4
+
+
+def test_fluency_measures() -> None:
+    assert repeated_ngram_share("a b c a b c a b c".split()) == pytest.approx(1 - 3 / 7)
+    assert repeated_ngram_share("one two three four".split()) == 0.0
+    assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert foreign_script_share("Harry Potter is a", "boy wizard") == 0.0
+    assert foreign_script_share("Harry Potter is a", "наз займе") == 1.0

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_unlearn.concepts.pack import load_pack
+from sae_unlearn.errors import UserError
+from sae_unlearn.features import find_features, make_strategy
+from sae_unlearn.methods import apply, export_merged, method_config, unlearn
+from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss
+from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
+from sae_unlearn.methods.persistent import relative_mse
+from sae_unlearn.saes.loading import LoadedSAE, load_saes
+from tests.conftest import tiny_sae
+
+
+def _sae(layer: int = 1) -> LoadedSAE:
+    return LoadedSAE(tiny_sae(layer), layer, "tiny")
+
+
+def test_clamp_changes_only_selected_latents_and_keeps_error_term() -> None:
+    s = _sae()
+    x = torch.randn(3, 5, 64)
+    feats = [int(i) for i in s.sae.encode(x).reshape(-1, 128).sum(0).topk(3).indices]
+    edited = make_edit_fn(s, LayerEdit(1, feats, "clamp", value=-7.0))(x, None)
+    z, z_new = s.sae.encode(x), s.sae.encode(x).clone()
+    sel = z_new[..., feats]
+    z_new[..., feats] = torch.where(sel > 0, torch.full_like(sel, -7.0), sel)
+    error = x - s.sae.decode(z)
+    torch.testing.assert_close(edited, s.sae.decode(z_new) + error, rtol=1e-4, atol=1e-4)
+    untouched = (z[..., feats] <= 0).all(-1)  # tokens where no selected feature fired: bit-identical
+    assert torch.equal(edited[untouched], x[untouched])
+
+
+def test_ablate_scales_firing_latents() -> None:
+    s = _sae()
+    x = torch.randn(2, 4, 64)
+    feats = [0, 5, 9]
+    edited = make_edit_fn(s, LayerEdit(1, feats, "scale", scale=-3.0))(x, None)
+    z = s.sae.encode(x)[..., feats]
+    expected = x + ((-3.0 * z - z) @ s.sae.W_dec[feats])
+    torch.testing.assert_close(edited, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_refusal_clamp_sets_the_refusal_feature() -> None:
+    s = _sae()
+    x = torch.randn(1, 6, 64)
+    z = s.sae.encode(x)
+    feat = int(z.reshape(-1, 128).sum(0).argmax())
+    edited = make_edit_fn(s, LayerEdit(1, [feat], "refusal", value=5.0, refusal_feature=3))(x, None)
+    fires = z[..., feat] > 0
+    delta = (5.0 - z[..., 3]) * fires
+    torch.testing.assert_close(edited, x + delta.unsqueeze(-1) * s.sae.W_dec[3], rtol=1e-4, atol=1e-4)
+
+
+def test_no_features_and_removal_are_bit_identical(loaded) -> None:
+    s = _sae()
+    ids = torch.randint(3, 300, (2, 6))
+    with torch.no_grad():
+        base = loaded.model(input_ids=ids).logits
+        with install(loaded.model, [s], Intervention("clamp", "m", "tiny", [LayerEdit(1, [], "clamp")])):
+            same = loaded.model(input_ids=ids).logits
+        with install(loaded.model, [s], Intervention("clamp", "m", "tiny", [LayerEdit(1, list(range(128)), "clamp")])):
+            changed = loaded.model(input_ids=ids).logits
+        after = loaded.model(input_ids=ids).logits
+    assert torch.equal(base, same) and torch.equal(base, after) and not torch.equal(base, changed)
+
+
+def test_published_unlearn_loss_by_hand() -> None:
+    s = tiny_sae(1, d_in=4, d_sae=3, k=3)
+    with torch.no_grad():
+        s.W_enc.copy_(torch.eye(4)[:, :3])
+        s.b_enc.zero_()
+        s.b_dec.zero_()
+    x = torch.tensor([[[1.0, 2.0, 3.0, 0.0], [3.0, 0.0, 0.0, 0.0]]])
+    active = torch.tensor([[[True], [True]]])
+    valid = torch.tensor([[True, True]])
+    # token 1: pre = [1,2,3], margin = |alpha * mean| = 1*2 -> feature 1: 2+2 = 4
+    # token 2: pre = [3,0,0], margin = 1 -> feature 1: 0+1 = 1; mean over tokens = 2.5
+    loss = published_unlearn_loss(s, x, active, torch.tensor([1]), valid, alpha=1.0)
+    assert float(loss) == pytest.approx(2.5)
+    inactive = torch.tensor([[[True], [False]]])
+    assert float(published_unlearn_loss(s, x, inactive, torch.tensor([1]), valid, alpha=1.0)) == pytest.approx(4.0)
+
+
+def test_ablation_target_and_relative_mse() -> None:
+    s = tiny_sae(1)
+    h = torch.randn(2, 3, 64)
+    target = ablation_target(s, h, torch.tensor([2, 7]), scale=1.0)
+    torch.testing.assert_close(target, h)  # scale 1 = no change
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    assert float(relative_mse(h, h, valid)) == 0.0
+    assert float(relative_mse(2 * h, h, valid)) == pytest.approx(1.0)
+
+
+def test_method_options_are_checked() -> None:
+    with pytest.raises(UserError, match="unknown method 'forget'"):
+        method_config("forget", {})
+    with pytest.raises(UserError, match="does not apply to method clamp.*belongs to ablate"):
+        method_config("clamp", {"scale": -3})
+    with pytest.raises(UserError, match="unknown CRISP objective"):
+        method_config("crisp", {"objective": "fast"})
+
+
+@pytest.fixture
+def setup(loaded, sae_dir, pack_dir):
+    saes = load_saes(str(sae_dir))
+    pack = load_pack(pack_dir)
+    selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4,
+                              with_examples=False)
+    return loaded, saes, pack, selection, str(sae_dir)
+
+
+def _crisp_options(**kw):
+    return {"steps": 4, "batch_size": 2, "max_length": 32, "fluency_every": 0, "checkpoint_every": 2, "lr": 1e-2, **kw}
+
+
+def test_crisp_run_dir_apply_and_export(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    run = unlearn("crisp", loaded, pack, tmp_path / "run", options=_crisp_options(), saes=saes, sae_spec=spec,
+                  features=selection)
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "crisp" and (run / "adapter" / "adapter_config.json").exists()
+    assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.bin"))
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        base = loaded.model(input_ids=ids).logits
+        with apply(loaded, run) as model:
+            adapted = model(input_ids=ids).logits
+        after = loaded.model(input_ids=ids).logits
+    assert not torch.equal(base, adapted) and torch.equal(base, after)
+    with pytest.raises(UserError, match="inference-time intervention"):
+        run_clamp = unlearn("clamp", loaded, pack, tmp_path / "clamp", saes=saes, sae_spec=spec, features=selection)
+        export_merged(loaded, run_clamp, tmp_path / "merged")
+
+
+def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    loaded, saes, pack, selection, spec = setup
+    full = unlearn("crisp", loaded, pack, tmp_path / "full", options=_crisp_options(), saes=saes, sae_spec=spec,
+                   features=selection)
+    part_dir = tmp_path / "part"
+
+    def interrupt(step: int, total: int, terms: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        unlearn("crisp", loaded, pack, part_dir, options=_crisp_options(), saes=saes, sae_spec=spec,
+                features=selection, progress=interrupt)
+    resumed = unlearn("crisp", loaded, pack, part_dir, options=_crisp_options(), saes=saes, sae_spec=spec,
+                      features=selection, resume=True)
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rmu_and_ablate_runs_apply_cleanly(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    rmu = unlearn("rmu", loaded, pack, tmp_path / "rmu", options={"steps": 3, "batch_size": 2, "max_length": 32,
+                                                                  "layer": 2, "lr": 1e-2})
+    ablate = unlearn("ablate", loaded, pack, tmp_path / "ablate", saes=saes, sae_spec=spec, features=selection)
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        base = loaded.model(input_ids=ids).logits
+        for run in (rmu, ablate):
+            with apply(loaded, run) as model:
+                assert not torch.equal(model(input_ids=ids).logits, base)
+            assert torch.equal(loaded.model(input_ids=ids).logits, base)
+
+
+def test_apply_refuses_another_base_model(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    run = unlearn("ablate", loaded, pack, tmp_path / "a", saes=saes, sae_spec=spec, features=selection)
+    other = type(loaded)(loaded.model, loaded.tokenizer, "other-model", "other-source", 0.0)
+    with pytest.raises(UserError, match="was made for model 'tiny-llama'"):
+        with apply(other, run):
+            pass
