@@ -1,14 +1,14 @@
 """sae-unlearn: remove a concept from a language model by suppressing the SAE features that carry it.
 
-    from sae_unlearn import load_model, load_saes, load_pack, find_features, unlearn, apply, evaluate
+from sae_unlearn import load_model, load_saes, load_pack, find_features, unlearn, apply, evaluate
 
-    loaded = load_model("embedded")                      # Gemma 3 270M, offline
-    saes = load_saes(loaded, "shipped")                  # the SAEs shipped for it
-    pack = load_pack("harry-potter")
-    selection = find_features(loaded, saes, pack, "crisp", k=10)
-    unlearn("crisp", loaded, pack, Path("run"), saes=saes, features=selection)
-    with apply(loaded, "run") as model:                  # adapters and SAE hooks alike
-        model.generate(...)
+loaded = load_model("embedded")                      # Gemma 3 270M, offline
+saes = load_saes(loaded, "shipped")                  # the SAEs shipped for it
+pack = load_pack("harry-potter")
+selection = find_features(loaded, saes, pack, "crisp", k=10)
+unlearn("crisp", loaded, pack, Path("run"), saes=saes, features=selection)
+with apply(loaded, "run") as model:                  # adapters and SAE hooks alike
+    model.generate(...)
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}", "pass the --out of a sae-unlearn unlearn run")
     if not path.exists():
-        raise UserError(f"{run_dir} has no config.json", "it is not a sae-unlearn run directory (or the run did not finish)")
+        raise UserError(
+            f"{run_dir} has no config.json", "it is not a sae-unlearn run directory (or the run did not finish)"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -49,8 +51,10 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 
 def check_same_model(config: dict[str, Any], model_spec: str, model_source: str, run_dir: Path) -> None:
     if config.get("model") != model_spec and config.get("model_source") != model_source:
-        raise UserError(f"{run_dir} was made for model {config.get('model')!r}, not {model_spec!r}",
-                        f"pass --model {config.get('model')}")
+        raise UserError(
+            f"{run_dir} was made for model {config.get('model')!r}, not {model_spec!r}",
+            f"pass --model {config.get('model')}",
+        )
 
 
 class TrainLog:

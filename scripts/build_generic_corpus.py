@@ -22,7 +22,6 @@ import random
 import re
 from pathlib import Path
 
-
 log = logging.getLogger("build_generic_corpus")
 VOCAB_EXTRA = (1, 106)  # eos, end-of-turn
 
@@ -61,6 +60,12 @@ def news_articles() -> list[str]:
     return [re.sub(r"\s+", " ", line).strip() for line in lines if len(line.split()) >= 25]
 
 
+def clean_sample(text: str) -> str:
+    """Drop control tokens a full-vocabulary sampler can emit (e.g. <start_of_image>)."""
+    text = re.sub(r"<(start|end)_of_\w+>|<unused\d+>|<pad>|<eos>|<bos>|<mask>", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def python_reference() -> list[str]:
     import pydoc_data.topics as topics
 
@@ -69,9 +74,17 @@ def python_reference() -> list[str]:
     return [p for p in paragraphs if len(p.split()) >= 25 and not p.startswith((">>>", "..."))]
 
 
-def sample_from_model(seeds: list[str], vocab_text: list[str], n_tokens: int, seed: int, batch: int = 192,
-                      new_tokens: int = 64, sink: Path | None = None, model: str = "embedded",
-                      device: str = "cpu") -> list[str]:
+def sample_from_model(
+    seeds: list[str],
+    vocab_text: list[str],
+    n_tokens: int,
+    seed: int,
+    batch: int = 192,
+    new_tokens: int = 64,
+    sink: Path | None = None,
+    model: str = "embedded",
+    device: str = "cpu",
+) -> list[str]:
     """Continue seed sentences with the embedded model (top-k 40, temperature 0.9).
 
     Sampling is restricted to the tokens that occur in the real text: the 262k-token lm_head then
@@ -100,9 +113,15 @@ def sample_from_model(seeds: list[str], vocab_text: list[str], n_tokens: int, se
         generated = []
         if loaded.device.type == "cuda":  # a GPU runs the plain HF sampler (full vocabulary) fast enough
             with torch.no_grad():
-                full = model.generate(**enc, do_sample=True, top_k=40, temperature=0.9, max_new_tokens=new_tokens,
-                                      pad_token_id=tok.pad_token_id)
-            generated = [full[:, enc.input_ids.shape[1]:]]
+                full = model.generate(
+                    **enc,
+                    do_sample=True,
+                    top_k=40,
+                    temperature=0.9,
+                    max_new_tokens=new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            generated = [full[:, enc.input_ids.shape[1] :]]
         with torch.no_grad():
             for _ in range(0 if generated else new_tokens):
                 res = body(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -132,9 +151,14 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=200_000, help="tokens of model-sampled text to add")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-samples", action="store_true", help="use DIR/sampled.txt from an earlier run")
-    parser.add_argument("--sample-only", type=Path, default=None, metavar="REAL_TRAIN_TXT",
-                        help="only sample (seeds and vocabulary from this real-text file), e.g. on a GPU machine "
-                             "without gensim; writes DIR/sampled.txt")
+    parser.add_argument(
+        "--sample-only",
+        type=Path,
+        default=None,
+        metavar="REAL_TRAIN_TXT",
+        help="only sample (seeds and vocabulary from this real-text file), e.g. on a GPU machine "
+        "without gensim; writes DIR/sampled.txt",
+    )
     parser.add_argument("--model", default="embedded", help="model to sample from (a .gguf path works too)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=192)
@@ -145,8 +169,16 @@ def main() -> None:
     sampled_path = args.out / "sampled.txt"
     if args.sample_only is not None:
         real = [p for p in args.sample_only.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        sample_from_model([" ".join(p.split()[:12]) for p in real], real, args.sample_tokens, args.seed,
-                          batch=args.batch, sink=sampled_path, model=args.model, device=args.device)
+        sample_from_model(
+            [" ".join(p.split()[:12]) for p in real],
+            real,
+            args.sample_tokens,
+            args.seed,
+            batch=args.batch,
+            sink=sampled_path,
+            model=args.model,
+            device=args.device,
+        )
         return
     train: list[str] = []
     heldout: list[str] = []
@@ -160,10 +192,19 @@ def main() -> None:
     if args.sample_tokens > 0 and not args.reuse_samples:
         seeds = [" ".join(p.split()[:12]) for p in train]
         vocab_text = train  # sampling vocabulary: every token of the real text
-        sample_from_model(seeds, vocab_text, args.sample_tokens, args.seed, batch=args.batch, sink=sampled_path,
-                          model=args.model, device=args.device)
+        sample_from_model(
+            seeds,
+            vocab_text,
+            args.sample_tokens,
+            args.seed,
+            batch=args.batch,
+            sink=sampled_path,
+            model=args.model,
+            device=args.device,
+        )
     if sampled_path.exists():
-        train.extend(p for p in sampled_path.read_text(encoding="utf-8").split("\n\n") if p.strip())
+        sampled = (clean_sample(p) for p in sampled_path.read_text(encoding="utf-8").split("\n\n"))
+        train.extend(p for p in sampled if len(p.split()) >= 25)
     random.Random(args.seed).shuffle(train)
     (args.out / "train.txt").write_text("\n\n".join(train) + "\n", encoding="utf-8")
     (args.out / "heldout.txt").write_text("\n\n".join(heldout) + "\n", encoding="utf-8")
@@ -171,8 +212,10 @@ def main() -> None:
         "Wikipedia text: 206 shortened English Wikipedia articles shipped in gensim's test data, "
         "by Wikipedia contributors, CC BY-SA 3.0 (https://creativecommons.org/licenses/by-sa/3.0/); "
         "markup stripped. News text: the Lee background corpus shipped in gensim's test data "
-        "(Lee, Pincombe and Welsh, 2005). Python reference text: CPython's pydoc_data topics (PSF License). Sampled text: generated by Gemma 3 270M (Gemma terms of use).\n",
-        encoding="utf-8")
+        "(Lee, Pincombe and Welsh, 2005). Python reference text: CPython's pydoc_data topics (PSF License). "
+        "Sampled text: generated by Gemma 3 270M (Gemma terms of use).\n",
+        encoding="utf-8",
+    )
     log.info("wrote %s", args.out)
 
 

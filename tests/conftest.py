@@ -13,13 +13,40 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from sae_unlearn.models.loading import LoadedModel
 
-FORGET = [f"The wizard Zorbo lives in the tower of Quendor and casts the spell {w} every night." for w in
-          ("Flarix", "Glimmo", "Brastok", "Veltrum", "Omnix", "Krandel", "Sorvid", "Tamblin", "Lurvex", "Pendro",
-           "Wystan", "Cadrel")]
-RETAIN = [f"The farmer {n} lives in the village and grows {c} in the spring." for n, c in
-          (("Anna", "wheat"), ("Ben", "barley"), ("Cara", "oats"), ("Dan", "corn"), ("Eve", "beans"),
-           ("Finn", "peas"), ("Gia", "rye"), ("Hal", "hops"), ("Ivy", "flax"), ("Jon", "kale"), ("Kim", "leeks"),
-           ("Lou", "onions"))]
+FORGET = [
+    f"The wizard Zorbo lives in the tower of Quendor and casts the spell {w} every night."
+    for w in (
+        "Flarix",
+        "Glimmo",
+        "Brastok",
+        "Veltrum",
+        "Omnix",
+        "Krandel",
+        "Sorvid",
+        "Tamblin",
+        "Lurvex",
+        "Pendro",
+        "Wystan",
+        "Cadrel",
+    )
+]
+RETAIN = [
+    f"The farmer {n} lives in the village and grows {c} in the spring."
+    for n, c in (
+        ("Anna", "wheat"),
+        ("Ben", "barley"),
+        ("Cara", "oats"),
+        ("Dan", "corn"),
+        ("Eve", "beans"),
+        ("Finn", "peas"),
+        ("Gia", "rye"),
+        ("Hal", "hops"),
+        ("Ivy", "flax"),
+        ("Jon", "kale"),
+        ("Kim", "leeks"),
+        ("Lou", "onions"),
+    )
+]
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama"},
@@ -37,15 +64,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(FORGET + RETAIN + ["Question: Answer: A. B. C. D."], trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     # prepend BOS like the real tokenizers do
     from tokenizers import processors
 
     tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
     return tok
 
 
@@ -56,12 +85,21 @@ def tiny_model(family: str, vocab_size: int, n_layers: int = 4, seed: int = 0) -
     kw = dict(FAMILIES[family])
     model_type = kw.pop("model_type")
     if model_type == "gpt2":
-        config = AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=64, n_layer=n_layers, n_head=4,
-                                      n_positions=256)
+        config = AutoConfig.for_model(
+            "gpt2", vocab_size=vocab_size, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256
+        )
     else:
-        config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, num_hidden_layers=n_layers,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      max_position_embeddings=256, **kw)
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            **kw,
+        )
     config.pad_token_id = 2
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -101,13 +139,23 @@ def write_pack(root: Path, probes: list[dict[str, Any]] | None = None) -> Path:
     (root / "retain.txt").write_text("\n\n".join(RETAIN * 6))
     (root / "coherence.txt").write_text("The wizard Zorbo is a common name.\nA farmer lives in the village.\n")
     probes = probes or [
-        {"id": f"t{i}", "prompt": "Where does Zorbo live?", "answer": "Quendor", "distractors": ["Ben", "Anna", "Eve"],
-         "ring": ring} for i, ring in enumerate(["target", "target", "near", "mid", "far"])]
+        {
+            "id": f"t{i}",
+            "prompt": "Where does Zorbo live?",
+            "answer": "Quendor",
+            "distractors": ["Ben", "Anna", "Eve"],
+            "ring": ring,
+        }
+        for i, ring in enumerate(["target", "target", "near", "mid", "far"])
+    ]
     (root / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in probes) + "\n")
     (root / "concept.toml").write_text(
         'name = "zorbo"\ndescription = "a made-up wizard"\n'
-        + "".join(f'[files.{k}]\npath = "{k}.{ext}"\n' for k, ext in
-                  (("forget", "txt"), ("retain", "txt"), ("coherence", "txt"), ("probes", "jsonl"))))
+        + "".join(
+            f'[files.{k}]\npath = "{k}.{ext}"\n'
+            for k, ext in (("forget", "txt"), ("retain", "txt"), ("coherence", "txt"), ("probes", "jsonl"))
+        )
+    )
     return root
 
 

@@ -8,12 +8,14 @@ import typer
 
 from sae_unlearn.cli.common import MODEL_HELP, SAE_HELP
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Remove a concept from a language model by suppressing the SAE features that carry it.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Remove a concept from a language model by suppressing the SAE features that carry it.",
+)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 SaeOpt = Annotated[str, typer.Option("--sae", help=SAE_HELP)]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU supports it), float32 or bfloat16")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
-
-

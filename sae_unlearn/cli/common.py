@@ -22,14 +22,21 @@ console = Console(stderr=True)
 stdout = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
-MODEL_HELP = "embedded (Gemma 3 270M, default), embedded-small (SmolLM2-135M), a hub id, a local directory or a .gguf file"
+MODEL_HELP = (
+    "embedded (Gemma 3 270M, default), embedded-small (SmolLM2-135M), a hub id, a local directory or a .gguf file"
+)
 SAE_HELP = "shipped (the SAEs shipped for the embedded model), a SAELens directory, or RELEASE:SAE_ID; comma-separated"
 
 
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "sae_lens", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,8 +99,14 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield update(completed, total=None, **fields) for a rich progress bar on stderr."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, disable=not sys.stderr.isatty() and os.environ.get("CI") == "true") as p:
         task = p.add_task(description, total=total, info="")
 

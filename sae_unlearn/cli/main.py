@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli import pipeline  # noqa: F401  (registers the pipeline commands)
+from sae_unlearn.cli import chat, pipeline  # noqa: F401  (register their commands)
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import friendly_errors, parse_layers, progress_bar, setup_logging, stdout, table
 from sae_unlearn.errors import UserError
@@ -23,8 +23,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 @app.command()
 @friendly_errors
-def doctor(model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOpt = "auto",
-           device: DeviceOpt = "cpu") -> None:
+def doctor(
+    model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu"
+) -> None:
     """Load the model, run one forward pass, load its SAEs and print what was found."""
     import torch
 
@@ -46,21 +47,33 @@ def doctor(model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOp
         for s in saes:
             s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype))
     sae_s = time.perf_counter() - start
-    stdout.print(table("sae-unlearn doctor", ["item", "value"], [
-        ["model", f"{loaded.spec} ({type(loaded.model).__name__}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.0f}M params)"],
-        ["layers / hidden", f"{loaded.n_layers} / {loaded.d_model}"],
-        ["dtype / device", f"{str(loaded.dtype).removeprefix('torch.')} / {loaded.device}"],
-        ["load seconds", f"{loaded.seconds:.1f}"],
-        ["forward seconds", f"{forward_s:.2f} ('The capital of France is' -> {next_token!r})"],
-        ["SAEs", ", ".join(f"L{s.layer}: {s.sae.cfg.architecture()} width {s.d_sae}" for s in saes) or "none"],
-        ["SAE load+encode seconds", f"{sae_s:.2f}"],
-    ]))
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    stdout.print(
+        table(
+            "sae-unlearn doctor",
+            ["item", "value"],
+            [
+                [
+                    "model",
+                    f"{loaded.spec} ({type(loaded.model).__name__}, {n_params / 1e6:.0f}M params)",
+                ],
+                ["layers / hidden", f"{loaded.n_layers} / {loaded.d_model}"],
+                ["dtype / device", f"{str(loaded.dtype).removeprefix('torch.')} / {loaded.device}"],
+                ["load seconds", f"{loaded.seconds:.1f}"],
+                ["forward seconds", f"{forward_s:.2f} ('The capital of France is' -> {next_token!r})"],
+                ["SAEs", ", ".join(f"L{s.layer}: {s.sae.cfg.architecture()} width {s.d_sae}" for s in saes) or "none"],
+                ["SAE load+encode seconds", f"{sae_s:.2f}"],
+            ],
+        )
+    )
 
 
 @app.command("train-sae")
 @friendly_errors
 def train_sae(
-    corpus: Annotated[list[str], typer.Option("--corpus", help="text files (.txt/.jsonl/.csv/.parquet) or dataset dirs")],
+    corpus: Annotated[
+        list[str], typer.Option("--corpus", help="text files (.txt/.jsonl/.csv/.parquet) or dataset dirs")
+    ],
     out: Annotated[Path, typer.Option("--out", help="directory for the SAEs (SAELens format, one subdir per layer)")],
     model: ModelOpt = "embedded",
     layers: Annotated[str, typer.Option(help="comma-separated block indices, e.g. 3,6,9,12")] = "3,6,9,12",
@@ -72,8 +85,12 @@ def train_sae(
     batch: Annotated[int, typer.Option(help="sequences per model forward")] = 16,
     context_size: Annotated[int, typer.Option(help="tokens per sequence, BOS included")] = 128,
     sae_batch_tokens: Annotated[int, typer.Option(help="tokens per SAE optimiser step")] = 1024,
-    normalize: Annotated[str, typer.Option(help="per_dim (default; folded into the saved weights) or none")] = "per_dim",
-    outlier_factor: Annotated[float, typer.Option(help="skip tokens whose norm exceeds this multiple of the median")] = 4.0,
+    normalize: Annotated[
+        str, typer.Option(help="per_dim (default; folded into the saved weights) or none")
+    ] = "per_dim",
+    outlier_factor: Annotated[
+        float, typer.Option(help="skip tokens whose norm exceeds this multiple of the median")
+    ] = 4.0,
     checkpoint_every: Annotated[int, typer.Option(help="optimiser steps between checkpoints")] = 200,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,
@@ -88,23 +105,54 @@ def train_sae(
 
     layer_list = parse_layers(layers)
     if out.exists() and any(out.glob("blocks.*")) and not (resume or overwrite):
-        raise UserError(f"{out} already holds trained SAEs", "pass --resume to continue, --overwrite to replace, or another --out")
+        raise UserError(
+            f"{out} already holds trained SAEs", "pass --resume to continue, --overwrite to replace, or another --out"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file", "choose a directory for --out")
     texts = [doc for spec in corpus for doc in read_corpus(spec)]
     held = [doc for spec in heldout for doc in read_corpus(spec)] if heldout else None
-    cfg = SAETrainingConfig(layers=layer_list, expansion=expansion, k=k, epochs=epochs, lr=lr, model_batch=batch,
-                            context_size=context_size, sae_batch_tokens=sae_batch_tokens, normalize=normalize,
-                            outlier_factor=outlier_factor, checkpoint_every=checkpoint_every, seed=seed)
+    cfg = SAETrainingConfig(
+        layers=layer_list,
+        expansion=expansion,
+        k=k,
+        epochs=epochs,
+        lr=lr,
+        model_batch=batch,
+        context_size=context_size,
+        sae_batch_tokens=sae_batch_tokens,
+        normalize=normalize,
+        outlier_factor=outlier_factor,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
     loaded = load_model(model, dtype=dtype, device=device)
     with progress_bar("train-sae", total=1) as update:
+
         def progress(done: int, total: int, metrics: dict[str, float]) -> None:
             fves = [v for key, v in metrics.items() if key.endswith(".fve")]
             update(done, total, info=f"fve {min(fves):.3f}..{max(fves):.3f}" if fves else "")
 
         quality = train_saes(loaded, cfg, texts, out, heldout=held, resume=resume, progress=progress)
-    stdout.print(table(f"SAE quality ({quality[0].tokens} held-out tokens)",
-                       ["layer", "width", "FVE", "FVE scaled", "FVE all tok", "L0", "dead", "CE clean", "CE +SAE", "ΔCE"],
-                       [[q.layer, q.d_sae, q.fve, q.fve_scaled, q.fve_all_tokens, q.l0, q.dead_fraction, q.ce_clean,
-                         q.ce_spliced, q.ce_increase] for q in quality]))
+    stdout.print(
+        table(
+            f"SAE quality ({quality[0].tokens} held-out tokens)",
+            ["layer", "width", "FVE", "FVE scaled", "FVE all tok", "L0", "dead", "CE clean", "CE +SAE", "ΔCE"],
+            [
+                [
+                    q.layer,
+                    q.d_sae,
+                    q.fve,
+                    q.fve_scaled,
+                    q.fve_all_tokens,
+                    q.l0,
+                    q.dead_fraction,
+                    q.ce_clean,
+                    q.ce_spliced,
+                    q.ce_increase,
+                ]
+                for q in quality
+            ],
+        )
+    )
     stdout.print(f"SAEs written to {out} (load with sae_lens.SAE.load_from_disk or --sae {out})")

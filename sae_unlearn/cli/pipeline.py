@@ -12,9 +12,13 @@ from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import console, friendly_errors, progress_bar, stdout, table
 from sae_unlearn.errors import UserError
 
-ConceptOpt = Annotated[str, typer.Option("--concept", "-c", help="a built-in pack name (harry-potter) or a pack directory")]
+ConceptOpt = Annotated[
+    str, typer.Option("--concept", "-c", help="a built-in pack name (harry-potter) or a pack directory")
+]
 OverwriteOpt = Annotated[bool, typer.Option(help="write into an --out that already holds files")]
-concept_app = typer.Typer(help="Concept packs: list, validate, grow a forget corpus from the model.", no_args_is_help=True)
+concept_app = typer.Typer(
+    help="Concept packs: list, validate, grow a forget corpus from the model.", no_args_is_help=True
+)
 app.add_typer(concept_app, name="concept")
 
 
@@ -52,7 +56,9 @@ def features(
     sae: SaeOpt = "shipped",
     strategy: Annotated[str, typer.Option(help="crisp, inlp or saebench")] = "crisp",
     k: Annotated[int, typer.Option(help="features per layer")] = 10,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="strategy parameter KEY=VALUE (e.g. min_ratio=3)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="strategy parameter KEY=VALUE (e.g. min_ratio=3)")
+    ] = None,
     batch: int = 8,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute statistics even if cached")] = False,
     overwrite: OverwriteOpt = False,
@@ -72,14 +78,28 @@ def features(
     saes = load_saes_for(loaded, sae)
     for s in saes:
         if k > s.d_sae:
-            raise UserError(f"--k {k} is larger than the SAE width {s.d_sae} at layer {s.layer}", "choose a smaller --k")
+            raise UserError(
+                f"--k {k} is larger than the SAE width {s.d_sae} at layer {s.layer}", "choose a smaller --k"
+            )
     with progress_bar("feature statistics", total=1) as update:
-        selection = find_features(loaded, saes, pack, chosen, use_cache=not no_cache, batch_size=batch,
-                                  progress=lambda done, total: update(done, total))
+        selection = find_features(
+            loaded,
+            saes,
+            pack,
+            chosen,
+            use_cache=not no_cache,
+            batch_size=batch,
+            progress=lambda done, total: update(done, total),
+        )
     selection.write(out)
     rows = [[f.layer, f.index, f.score, f.forget_rate, f.retain_rate, f.relative] for f in selection.features]
-    stdout.print(table(f"{len(rows)} features for {pack.name} ({selection.strategy})",
-                       ["layer", "index", "score", "forget rate", "retain rate", "ratio"], rows))
+    stdout.print(
+        table(
+            f"{len(rows)} features for {pack.name} ({selection.strategy})",
+            ["layer", "index", "score", "forget rate", "retain rate", "ratio"],
+            rows,
+        )
+    )
     stdout.print(f"wrote {out / 'features.json'} and {out / 'report.html'}")
 
 
@@ -94,7 +114,9 @@ def unlearn(
     features_from: Annotated[Path | None, typer.Option("--features", help="features.json (or its dir) to use")] = None,
     strategy: Annotated[str, typer.Option(help="feature selection when --features is not given")] = "crisp",
     k: int = 10,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="method option KEY=VALUE, e.g. steps=200, objective=published")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="method option KEY=VALUE, e.g. steps=200, objective=published")
+    ] = None,
     refusal_feature: Annotated[str | None, typer.Option(help="clamp: LAYER:INDEX of a refusal feature")] = None,
     scale: Annotated[float | None, typer.Option(help="ablate: multiply firing features by this")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
@@ -125,23 +147,50 @@ def unlearn(
         saes = load_saes_for(loaded, sae)
         selection = load_features(features_from) if features_from else find_features(loaded, saes, pack, strategy, k=k)
         if selection.model not in (loaded.spec,) and selection.model_source != loaded.source:
-            raise UserError(f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}")
+            raise UserError(
+                f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}"
+            )
     with progress_bar(f"unlearn ({method})", total=1) as update:
+
         def progress(step: int, total: int, terms: dict[str, float]) -> None:
             update(step, total, info=" ".join(f"{k}={v:.3g}" for k, v in terms.items()))
 
-        run_unlearn(method, loaded, pack, out, options=options, saes=saes, sae_spec=sae, features=selection,
-                    resume=resume, progress=progress)
-    stdout.print(f"run written to {out} (evaluate: sae-unlearn eval --run {out} --concept {concept} --out results.json)")
+        run_unlearn(
+            method,
+            loaded,
+            pack,
+            out,
+            options=options,
+            saes=saes,
+            sae_spec=sae,
+            features=selection,
+            resume=resume,
+            progress=progress,
+        )
+    stdout.print(
+        f"run written to {out} (evaluate: sae-unlearn eval --run {out} --concept {concept} --out results.json)"
+    )
 
 
-def _eval_config(fast: bool, letter: bool, adversarial: bool, relearn: bool, lm_eval_tasks: str | None,
-                 lm_eval_include: str | None, lm_eval_limit: int | None) -> Any:
+def _eval_config(
+    fast: bool,
+    letter: bool,
+    adversarial: bool,
+    relearn: bool,
+    lm_eval_tasks: str | None,
+    lm_eval_include: str | None,
+    lm_eval_limit: int | None,
+) -> Any:
     from sae_unlearn.evaluation.evaluate import EvalConfig
 
-    cfg = EvalConfig(letter=letter, adversarial=adversarial, relearn=relearn,
-                     lm_eval_tasks=[t.strip() for t in lm_eval_tasks.split(",") if t.strip()] if lm_eval_tasks else [],
-                     lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
+    cfg = EvalConfig(
+        letter=letter,
+        adversarial=adversarial,
+        relearn=relearn,
+        lm_eval_tasks=[t.strip() for t in lm_eval_tasks.split(",") if t.strip()] if lm_eval_tasks else [],
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=lm_eval_limit,
+    )
     if fast:
         cfg.max_probes_per_ring, cfg.relearn_steps, cfg.relearn_eval_at, cfg.max_ppl_texts = 30, 8, [0, 8], 16
         cfg.fluency_tokens = 24
@@ -154,14 +203,35 @@ def _print_summary(results: dict[str, Any]) -> None:
         rings = r["probes"]["rings"]
         flu = (r.get("fluency") or {}).get("forget_prompts") or {}
         relearn = r.get("relearning") or {}
-        rows.append([name] + [rings[ring]["logprob"]["acc"] if ring in rings else "—" for ring in ("target", "near", "mid", "far")]
-                    + [r["retention"]["retain_heldout_ppl"] or "—", flu.get("base_ppl", "—"),
-                       (r.get("reactivation") or {}).get("fraction", "—"),
-                       (r.get("adversarial") or {}).get("worst_case", {}).get("acc", "—"),
-                       relearn["curve"][-1]["target_acc"] if relearn else "—"])
-    stdout.print(table("evaluation (log-prob accuracy, report split)",
-                       ["method", "target", "near", "mid", "far", "retain ppl", "forget-prompt ppl", "re-activation",
-                        "adversarial", "after relearn"], rows))
+        rows.append(
+            [name]
+            + [rings[ring]["logprob"]["acc"] if ring in rings else "—" for ring in ("target", "near", "mid", "far")]
+            + [
+                r["retention"]["retain_heldout_ppl"] or "—",
+                flu.get("base_ppl", "—"),
+                (r.get("reactivation") or {}).get("fraction", "—"),
+                (r.get("adversarial") or {}).get("worst_case", {}).get("acc", "—"),
+                relearn["curve"][-1]["target_acc"] if relearn else "—",
+            ]
+        )
+    stdout.print(
+        table(
+            "evaluation (log-prob accuracy, report split)",
+            [
+                "method",
+                "target",
+                "near",
+                "mid",
+                "far",
+                "retain ppl",
+                "forget-prompt ppl",
+                "re-activation",
+                "adversarial",
+                "after relearn",
+            ],
+            rows,
+        )
+    )
 
 
 @app.command("eval")
@@ -203,14 +273,28 @@ def eval_(
     cfg.probe_split = probe_split
     loaded = load_model(model, dtype=dtype, device=device)
     with console.status("evaluating") as status:
-        result = evaluate(loaded, pack, run, probes=given, cfg=cfg, progress=lambda m: status.update(f"evaluating: {m}"))
+        result = evaluate(
+            loaded, pack, run, probes=given, cfg=cfg, progress=lambda m: status.update(f"evaluating: {m}")
+        )
     atomic_write_json(out, result)
     _print_summary({result["name"]: result})
     stdout.print(f"wrote {out}")
 
 
-def _run_compare(out: Path, concept: str, model: str, sae: str, methods: str, k: int, fast: bool, overwrite: bool,
-                 dtype: str, device: str, set_: list[str] | None, letter: bool = True) -> None:
+def _run_compare(
+    out: Path,
+    concept: str,
+    model: str,
+    sae: str,
+    methods: str,
+    k: int,
+    fast: bool,
+    overwrite: bool,
+    dtype: str,
+    device: str,
+    set_: list[str] | None,
+    letter: bool = True,
+) -> None:
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.evaluation.compare import CompareConfig, compare
     from sae_unlearn.models import load_model
@@ -227,11 +311,17 @@ def _run_compare(out: Path, concept: str, model: str, sae: str, methods: str, k:
         for m, opts in {"crisp": {"steps": 40, "fluency_every": 20}, "rmu": {"steps": 30}}.items():
             for key, value in opts.items():
                 method_options.setdefault(m, {}).setdefault(key, value)
-    cfg = CompareConfig(methods=names, sae=sae, k=k, method_options=method_options,
-                        eval=_eval_config(fast, letter, True, True, None, None, None))
+    cfg = CompareConfig(
+        methods=names,
+        sae=sae,
+        k=k,
+        method_options=method_options,
+        eval=_eval_config(fast, letter, True, True, None, None, None),
+    )
     pack = load_pack(concept)
     loaded = load_model(model, dtype=dtype, device=device)
     with console.status("compare") as status, progress_bar("training", total=1) as update:
+
         def progress(step: int, total: int, terms: dict[str, float]) -> None:
             update(step, total, info=" ".join(f"{k}={v:.3g}" for k, v in terms.items()))
 
@@ -274,10 +364,13 @@ def demo(
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs."""
     minutes = "~6" if fast else "~30"
-    console.print(f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
-                  f"estimated {minutes} minutes on 2 CPU cores")
-    _run_compare(out, "harry-potter", "embedded", "shipped", methods, 10, fast, overwrite, "auto", "cpu", set_,
-                 letter=not fast)
+    console.print(
+        f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
+        f"estimated {minutes} minutes on 2 CPU cores"
+    )
+    _run_compare(
+        out, "harry-potter", "embedded", "shipped", methods, 10, fast, overwrite, "auto", "cpu", set_, letter=not fast
+    )
 
 
 @app.command()
@@ -320,8 +413,10 @@ def concept_validate(pack_dir: Annotated[str, typer.Argument(help="pack name or 
 
     pack = load_pack(pack_dir)
     rings = {ring: len(pack.probes_in(ring)) for ring in RINGS}
-    stdout.print(f"{pack.name}: {len(pack.forget)} forget, {len(pack.retain)} retain paragraphs, "
-                 f"{len(pack.coherence)} coherence prompts, probes {rings}: OK")
+    stdout.print(
+        f"{pack.name}: {len(pack.forget)} forget, {len(pack.retain)} retain paragraphs, "
+        f"{len(pack.coherence)} coherence prompts, probes {rings}: OK"
+    )
 
 
 @concept_app.command("generate")
@@ -351,7 +446,8 @@ def concept_generate(
         raise UserError(f"{prompts} has no prompts", "one prompt per line")
     loaded = load_model(model, dtype=dtype, device=device)
     with progress_bar("generate", total=n) as update:
-        paragraphs = generate_corpus(loaded, lines, n, max_new_tokens=max_new_tokens, seed=seed,
-                                     progress=lambda done: update(done))
+        paragraphs = generate_corpus(
+            loaded, lines, n, max_new_tokens=max_new_tokens, seed=seed, progress=lambda done: update(done)
+        )
     atomic_write_text(out, "\n\n".join(paragraphs) + "\n")
     stdout.print(f"wrote {len(paragraphs)} paragraphs to {out}")

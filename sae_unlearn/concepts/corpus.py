@@ -41,7 +41,9 @@ def read_corpus(spec: str | Path, column: str = "text") -> list[str]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict) or not isinstance(row.get(column), str):
-                raise UserError(f"{path}:{lineno}: no string field {column!r}", f"each line needs {{\"{column}\": \"...\"}}")
+                raise UserError(
+                    f"{path}:{lineno}: no string field {column!r}", f'each line needs {{"{column}": "..."}}'
+                )
             docs.append(row[column])
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
@@ -57,7 +59,9 @@ def read_corpus(spec: str | Path, column: str = "text") -> list[str]:
             raise UserError(f"{path} has no column {column!r} (columns: {table.column_names})", "pass --column NAME")
         docs = [str(x) for x in table.column(column).to_pylist() if x is not None]
     else:
-        raise UserError(f"unsupported corpus format {suffix!r} for {path}", "use .txt, .jsonl, .csv, .parquet or a dataset dir")
+        raise UserError(
+            f"unsupported corpus format {suffix!r} for {path}", "use .txt, .jsonl, .csv, .parquet or a dataset dir"
+        )
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
         raise UserError(f"corpus {path} is empty", "put text in it (paragraphs separated by blank lines for .txt)")
@@ -80,8 +84,10 @@ def _read_saved_dataset(path: Path, column: str) -> list[str]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise UserError(f"{path} is a directory but not a saved Hugging Face dataset ({type(e).__name__})",
-                        "pass a file, or a directory written by Dataset.save_to_disk") from e
+        raise UserError(
+            f"{path} is a directory but not a saved Hugging Face dataset ({type(e).__name__})",
+            "pass a file, or a directory written by Dataset.save_to_disk",
+        ) from e
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[next(iter(ds))]
     return _column(ds, column, str(path))
@@ -94,6 +100,8 @@ def _read_hub_dataset(spec: str, column: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:
-        raise UserError(f"cannot load dataset {name!r} from the hub ({type(e).__name__})",
-                        "check the name; offline, save it with save_to_disk and pass the directory") from e
+        raise UserError(
+            f"cannot load dataset {name!r} from the hub ({type(e).__name__})",
+            "check the name; offline, save it with save_to_disk and pass the directory",
+        ) from e
     return _column(ds, column, name)

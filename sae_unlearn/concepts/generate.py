@@ -13,24 +13,36 @@ from sae_unlearn.models.loading import LoadedModel
 
 def keep_paragraph(prompt: str, text: str, min_words: int = 30, max_repeat: float = 0.2) -> bool:
     words = text.split()
-    return (len(words) >= min_words and repeated_ngram_share(words) <= max_repeat
-            and foreign_script_share(prompt, text) < 0.05)
+    return (
+        len(words) >= min_words
+        and repeated_ngram_share(words) <= max_repeat
+        and foreign_script_share(prompt, text) < 0.05
+    )
 
 
 def _key(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]", "", text.lower()).split()[:12])
 
 
-def generate_corpus(loaded: LoadedModel, prompts: Sequence[str], n: int, max_new_tokens: int = 96,
-                    temperature: float = 0.8, batch_size: int = 16, seed: int = 0, max_rounds: int = 50,
-                    progress: Callable[[int], None] | None = None) -> list[str]:
+def generate_corpus(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    n: int,
+    max_new_tokens: int = 96,
+    temperature: float = 0.8,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_rounds: int = 50,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
     """Sample continuations until `n` distinct, fluent paragraphs are kept (or `max_rounds` batches)."""
     kept: list[str] = []
     seen: set[str] = set()
     for round_ in range(max_rounds):
         batch = [prompts[(round_ * batch_size + i) % len(prompts)] for i in range(batch_size)]
-        texts = generate(loaded.model, loaded.tokenizer, batch, max_new_tokens, temperature=temperature,
-                         seed=seed + round_)
+        texts = generate(
+            loaded.model, loaded.tokenizer, batch, max_new_tokens, temperature=temperature, seed=seed + round_
+        )
         for prompt, cont in zip(batch, texts, strict=True):
             cut = cont.rsplit(".", 1)[0] + "." if "." in cont else cont  # end on a full sentence
             paragraph = re.sub(r"\s+", " ", f"{prompt} {cut}").strip()

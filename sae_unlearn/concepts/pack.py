@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from sae_unlearn.concepts.corpus import read_corpus
 from sae_unlearn.errors import UserError
@@ -75,8 +74,11 @@ class ConceptPack:
         ranked = sorted(self.forget, key=lambda t: _hash_fraction("forget:" + t))
         if len(ranked) < n_relearn + n_heldout + 8:
             return ranked  # tiny packs: every split sees everything
-        splits = {"relearn": ranked[:n_relearn], "heldout": ranked[n_relearn:n_relearn + n_heldout],
-                  "train": ranked[n_relearn + n_heldout:]}
+        splits = {
+            "relearn": ranked[:n_relearn],
+            "heldout": ranked[n_relearn : n_relearn + n_heldout],
+            "train": ranked[n_relearn + n_heldout :],
+        }
         if part not in splits:
             raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
         return splits[part]
@@ -90,7 +92,12 @@ class ConceptPack:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for part in (self.forget, self.retain, self.coherence, [json.dumps(p.__dict__, sort_keys=True) for p in self.probes]):
+        for part in (
+            self.forget,
+            self.retain,
+            self.coherence,
+            [json.dumps(p.__dict__, sort_keys=True) for p in self.probes],
+        ):
             for text in part:
                 h.update(text.encode())
                 h.update(b"\0")
@@ -135,8 +142,11 @@ def load_probes(path: Path) -> list[Probe]:
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise UserError(f"{where}: field {key!r} is missing or not a non-empty string")
         distractors = row.get("distractors")
-        if not isinstance(distractors, list) or len(distractors) < 1 or not all(
-                isinstance(d, str) and d.strip() for d in distractors):
+        if (
+            not isinstance(distractors, list)
+            or len(distractors) < 1
+            or not all(isinstance(d, str) and d.strip() for d in distractors)
+        ):
             raise UserError(f"{where}: field 'distractors' must be a list of non-empty strings")
         if row["ring"] not in RINGS:
             raise UserError(f"{where}: field 'ring' is {row['ring']!r}", f"use one of {', '.join(RINGS)}")
@@ -148,8 +158,15 @@ def load_probes(path: Path) -> list[Probe]:
         if row["id"] in seen:
             raise UserError(f"{where}: field 'id' {row['id']!r} is used twice")
         seen.add(row["id"])
-        probes.append(Probe(row["id"], row["prompt"].strip(), row["answer"].strip(),
-                            tuple(d.strip() for d in distractors), row["ring"]))
+        probes.append(
+            Probe(
+                row["id"],
+                row["prompt"].strip(),
+                row["answer"].strip(),
+                tuple(d.strip() for d in distractors),
+                row["ring"],
+            )
+        )
     if not probes:
         raise UserError(f"probe file {path} has no probes")
     return probes
@@ -168,16 +185,22 @@ def load_pack(spec: str | Path) -> ConceptPack:
     for key in REQUIRED_FILES:
         entry = files.get(key)
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise UserError(f"{toml_path}: [files.{key}] with a path is missing", f"add [files.{key}] path = \"...\"")
+            raise UserError(f"{toml_path}: [files.{key}] with a path is missing", f'add [files.{key}] path = "..."')
         if not (root / entry["path"]).exists():
-            raise UserError(f"{root / entry['path']} (files.{key} in {toml_path}) does not exist", "add the file or fix the path")
+            raise UserError(
+                f"{root / entry['path']} (files.{key} in {toml_path}) does not exist", "add the file or fix the path"
+            )
     coherence_path = root / files["coherence"]["path"]
     coherence = [line.strip() for line in coherence_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not coherence:
         raise UserError(f"{coherence_path} is empty", "add one coherence prompt per line")
     return ConceptPack(
-        name=str(meta.get("name", root.name)), description=str(meta.get("description", "")), root=root,
-        forget=read_corpus(root / files["forget"]["path"]), retain=read_corpus(root / files["retain"]["path"]),
-        coherence=coherence, probes=load_probes(root / files["probes"]["path"]),
+        name=str(meta.get("name", root.name)),
+        description=str(meta.get("description", "")),
+        root=root,
+        forget=read_corpus(root / files["forget"]["path"]),
+        retain=read_corpus(root / files["retain"]["path"]),
+        coherence=coherence,
+        probes=load_probes(root / files["probes"]["path"]),
         provenance={k: str(v.get("provenance", "")) for k, v in files.items() if isinstance(v, dict)},
     )

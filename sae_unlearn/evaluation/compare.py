@@ -25,8 +25,14 @@ from sae_unlearn.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
-GOALS = {"target_within_chance_points": 10, "far_drop_max_points": 2, "near_drop_max_points": 8,
-         "retain_ppl_rise_max": 0.05, "forget_prompt_fluency_ratio_max": 2.0, "relearn_recovery_max": 0.5}
+GOALS = {
+    "target_within_chance_points": 10,
+    "far_drop_max_points": 2,
+    "near_drop_max_points": 8,
+    "retain_ppl_rise_max": 0.05,
+    "forget_prompt_fluency_ratio_max": 2.0,
+    "relearn_recovery_max": 0.5,
+}
 
 
 @dataclass
@@ -44,9 +50,14 @@ class CompareConfig:
             raise UserError(f"unknown method {unknown[0]!r}", f"use some of {', '.join(sorted(METHODS))}")
 
 
-def compare(loaded: LoadedModel, pack: ConceptPack, out: Path, cfg: CompareConfig,
-            stage: Callable[[str], None] | None = None,
-            progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+def compare(
+    loaded: LoadedModel,
+    pack: ConceptPack,
+    out: Path,
+    cfg: CompareConfig,
+    stage: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)
     saes, selection = [], None
@@ -57,21 +68,42 @@ def compare(loaded: LoadedModel, pack: ConceptPack, out: Path, cfg: CompareConfi
         saes = load_saes_for(loaded, cfg.sae)
         selection = find_features(loaded, saes, pack, cfg.strategy, k=cfg.k)
         selection.write(out / "features")
-    results: dict[str, Any] = {"version": 1, "concept": pack.name, "model": loaded.spec,
-                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                               "goals": GOALS, "methods": {}}
+    results: dict[str, Any] = {
+        "version": 1,
+        "concept": pack.name,
+        "model": loaded.spec,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "goals": GOALS,
+        "methods": {},
+    }
     say("evaluate base")
-    results["methods"]["base"] = evaluate(loaded, pack, None, cfg=cfg.eval, name="base",
-                                          progress=lambda m: say(f"evaluate base: {m}"))
+    results["methods"]["base"] = evaluate(
+        loaded, pack, None, cfg=cfg.eval, name="base", progress=lambda m: say(f"evaluate base: {m}")
+    )
     _write(out, results)
     for method in cfg.methods:
         say(f"unlearn {method}")
         run_dir = out / "runs" / method
-        unlearn(method, loaded, pack, run_dir, options=cfg.method_options.get(method, {}), saes=saes,
-                sae_spec=cfg.sae, features=selection, progress=progress)
+        unlearn(
+            method,
+            loaded,
+            pack,
+            run_dir,
+            options=cfg.method_options.get(method, {}),
+            saes=saes,
+            sae_spec=cfg.sae,
+            features=selection,
+            progress=progress,
+        )
         say(f"evaluate {method}")
-        results["methods"][method] = evaluate(loaded, pack, run_dir, cfg=cfg.eval, name=method,
-                                              progress=lambda m, method=method: say(f"evaluate {method}: {m}"))
+        results["methods"][method] = evaluate(
+            loaded,
+            pack,
+            run_dir,
+            cfg=cfg.eval,
+            name=method,
+            progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
+        )
         _write(out, results)
     return results
 

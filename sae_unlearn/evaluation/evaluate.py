@@ -95,8 +95,11 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     """Summed activation of the run's selected features over valid tokens of `texts`, per layer."""
     config = read_config(run_dir)
     selection = load_features(run_dir)
-    saes = [s for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device))
-            if s.layer in selection.by_layer()]
+    saes = [
+        s
+        for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device))
+        if s.layer in selection.by_layer()
+    ]
     probe = dataclasses.replace(loaded, model=model)
     totals = dict.fromkeys(selection.by_layer(), 0.0)
     for batch in iter_batches(texts, loaded.tokenizer, 8, 256):
@@ -106,19 +109,30 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     return totals
 
 
-def evaluate(loaded: LoadedModel, pack: ConceptPack | None = None, run_dir: Path | None = None,
-             probes: Sequence[Probe] | None = None, cfg: EvalConfig | None = None, name: str | None = None,
-             base_levels: dict[int, float] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def evaluate(
+    loaded: LoadedModel,
+    pack: ConceptPack | None = None,
+    run_dir: Path | None = None,
+    probes: Sequence[Probe] | None = None,
+    cfg: EvalConfig | None = None,
+    name: str | None = None,
+    base_levels: dict[int, float] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
     chosen = select_probes(pack, probes, cfg)
     method = read_config(run_dir)["method"] if run_dir is not None else "base"
     targets = [p for p in chosen if p.ring == "target"]
-    result: dict[str, Any] = {"version": RESULTS_VERSION, "name": name or method, "model": loaded.spec,
-                              "run": str(run_dir) if run_dir else None, "method": method,
-                              "probe_split": cfg.probe_split if probes is None else "given"}
+    result: dict[str, Any] = {
+        "version": RESULTS_VERSION,
+        "name": name or method,
+        "model": loaded.spec,
+        "run": str(run_dir) if run_dir else None,
+        "method": method,
+        "probe_split": cfg.probe_split if probes is None else "given",
+    }
     prompts = {"coherence": pack.coherence[:8] if pack else [], "forget_prompts": forget_prompts(pack) if pack else []}
     generations: dict[str, list[str]] = {}
     with model_under_test(loaded, run_dir) as model:
@@ -127,7 +141,8 @@ def evaluate(loaded: LoadedModel, pack: ConceptPack | None = None, run_dir: Path
         say("perplexity")
         result["retention"] = {
             "retain_heldout_ppl": perplexity(model, loaded.tokenizer, pack.retain_split("heldout")[: cfg.max_ppl_texts])
-            if pack else None,
+            if pack
+            else None,
             "generic_ppl": perplexity(model, loaded.tokenizer, _generic_texts()[: cfg.max_ppl_texts]),
             "forget_heldout_ppl": perplexity(model, loaded.tokenizer, pack.forget_split("heldout")) if pack else None,
         }
@@ -140,23 +155,44 @@ def evaluate(loaded: LoadedModel, pack: ConceptPack | None = None, run_dir: Path
             result["reactivation_levels"] = levels
         if cfg.adversarial and targets:
             say("adversarial prompts")
-            result["adversarial"] = adversarial(model, loaded.tokenizer, targets,
-                                                pack.probe_split("tune") if pack else targets)
+            result["adversarial"] = adversarial(
+                model, loaded.tokenizer, targets, pack.probe_split("tune") if pack else targets
+            )
         if cfg.lm_eval_tasks:
             from sae_unlearn.evaluation.lm_eval_bridge import run_lm_eval
 
             say("lm-eval")
-            result["lm_eval"] = run_lm_eval(model, loaded.tokenizer, cfg.lm_eval_tasks, limit=cfg.lm_eval_limit,
-                                            include_path=cfg.lm_eval_include, device=str(loaded.device))
+            result["lm_eval"] = run_lm_eval(
+                model,
+                loaded.tokenizer,
+                cfg.lm_eval_tasks,
+                limit=cfg.lm_eval_limit,
+                include_path=cfg.lm_eval_include,
+                device=str(loaded.device),
+            )
     say("fluency")
-    result["fluency"] = {key: fluency_metrics(loaded.model, loaded.tokenizer, prompts[key], texts)
-                         for key, texts in generations.items() if texts}
+    result["fluency"] = {
+        key: fluency_metrics(loaded.model, loaded.tokenizer, prompts[key], texts)
+        for key, texts in generations.items()
+        if texts
+    }
     if "reactivation_levels" in result:
         levels = result.pop("reactivation_levels")
-        base = base_levels if base_levels is not None else feature_levels(loaded, loaded.model, run_dir,  # type: ignore[arg-type]
-                                                                           pack.forget_split("heldout"))  # type: ignore[union-attr]
+        base = (
+            base_levels
+            if base_levels is not None
+            else feature_levels(
+                loaded,
+                loaded.model,
+                run_dir,  # type: ignore[arg-type]
+                pack.forget_split("heldout"),
+            )
+        )  # type: ignore[union-attr]
         per_layer = {str(k): (levels[k] / base[k] if base.get(k) else float("nan")) for k in levels}
-        result["reactivation"] = {"fraction": sum(levels.values()) / max(1e-9, sum(base.values())), "per_layer": per_layer}
+        result["reactivation"] = {
+            "fraction": sum(levels.values()) / max(1e-9, sum(base.values())),
+            "per_layer": per_layer,
+        }
     else:
         result["reactivation"] = None
     result.setdefault("adversarial", None)
@@ -175,8 +211,9 @@ def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> flo
     return float(np.mean([int(np.argmax(s)) == 0 for s in lp]))
 
 
-def relearn(loaded: LoadedModel, run_dir: Path | None, pack: ConceptPack, targets: Sequence[Probe],
-            cfg: EvalConfig) -> dict[str, Any]:
+def relearn(
+    loaded: LoadedModel, run_dir: Path | None, pack: ConceptPack, targets: Sequence[Probe], cfg: EvalConfig
+) -> dict[str, Any]:
     """Relearning attack on a throwaway copy of the model with the run made permanent."""
     import copy
 
@@ -184,9 +221,15 @@ def relearn(loaded: LoadedModel, run_dir: Path | None, pack: ConceptPack, target
     with contextlib.ExitStack() as stack:
         model = attach_permanently(attack, run_dir, stack) if run_dir is not None else attack.model
         model.requires_grad_(False)
-        return relearning_attack(model, loaded.tokenizer, pack.forget_split("relearn"),
-                                 lambda m: target_accuracy(m, loaded.tokenizer, targets), steps=cfg.relearn_steps,
-                                 lr=cfg.relearn_lr, eval_at=cfg.relearn_eval_at)
+        return relearning_attack(
+            model,
+            loaded.tokenizer,
+            pack.forget_split("relearn"),
+            lambda m: target_accuracy(m, loaded.tokenizer, targets),
+            steps=cfg.relearn_steps,
+            lr=cfg.relearn_lr,
+            eval_at=cfg.relearn_eval_at,
+        )
 
 
 def _generic_texts() -> list[str]:

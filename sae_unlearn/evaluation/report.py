@@ -102,10 +102,13 @@ def _measure(key: str, b: Any, c: Any) -> float | None:
         "far_drop_max_points": lambda: _sub(_lp(b, "far"), _lp(c, "far"), 100),
         "near_drop_max_points": lambda: _sub(_lp(b, "near"), _lp(c, "near"), 100),
         "retain_ppl_rise_max": lambda: None if ret is None else ret - 1,
-        "forget_prompt_fluency_ratio_max": lambda: _div(_num(_get(c, "fluency", "forget_prompts", "base_ppl")),
-                                                        _num(_get(b, "fluency", "forget_prompts", "base_ppl"))),
-        "relearn_recovery_max": lambda: _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1]))
-        if curve else None,
+        "forget_prompt_fluency_ratio_max": lambda: _div(
+            _num(_get(c, "fluency", "forget_prompts", "base_ppl")),
+            _num(_get(b, "fluency", "forget_prompts", "base_ppl")),
+        ),
+        "relearn_recovery_max": lambda: (
+            _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1])) if curve else None
+        ),
     }
     return measures[key]() if key in measures else None
 
@@ -130,12 +133,20 @@ def goal_rows(results: dict[str, Any]) -> list[tuple[str, Any, float | None, boo
 def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rs = list(ms.values())
     rings = [*RINGS, *sorted({k for r in rs for k in _get(r, "probes", "rings") or {} if k not in RINGS})]
-    rows = [(f"{kind} · {ring}", [_acc_cell(_get(r, "probes", "rings", ring, kind)) for r in rs])
-            for kind in ("logprob", "letter", "letter_all_permutations") for ring in rings]
-    rows += [(k, [fmt(_get(r, "retention", k)) for r in rs])
-             for k in ("retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl")]
-    rows += [(f"fluency {p} · {k}", [fmt(_get(r, "fluency", p, k)) for r in rs])
-             for p in ("coherence", "forget_prompts") for k in FLUENCY]
+    rows = [
+        (f"{kind} · {ring}", [_acc_cell(_get(r, "probes", "rings", ring, kind)) for r in rs])
+        for kind in ("logprob", "letter", "letter_all_permutations")
+        for ring in rings
+    ]
+    rows += [
+        (k, [fmt(_get(r, "retention", k)) for r in rs])
+        for k in ("retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl")
+    ]
+    rows += [
+        (f"fluency {p} · {k}", [fmt(_get(r, "fluency", p, k)) for r in rs])
+        for p in ("coherence", "forget_prompts")
+        for k in FLUENCY
+    ]
     rows.append(("reactivation fraction", [fmt(_get(r, "reactivation", "fraction")) for r in rs]))
     rows.append(("adversarial worst_case acc", [_acc_cell(_get(r, "adversarial", "worst_case")) for r in rs]))
     rows.append(("relearning final target acc", [fmt(c[-1][1]) if (c := _curve(r)) else DASH for r in rs]))
@@ -147,8 +158,12 @@ def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 def _table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
     th = "".join(f"<th>{_esc(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if i else ''}>{c if raw else _esc(c)}</td>"
-                                   for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=n' if i else ''}>{c if raw else _esc(c)}</td>" for i, c in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     return f'<table class="data"><tr>{th}</tr>{body}</table>'
 
 
@@ -160,27 +175,38 @@ def _ys(v: float, lo: float, hi: float) -> float:
     return PT + (H - PT - PB) * (1 - (v - lo) / ((hi - lo) or 1.0))
 
 
-def _svg(pid: str, title: str, body: list[str], lo: float, hi: float, ylabel: str, xlabel: str = "",
-         chance: bool = False) -> str:
+def _svg(
+    pid: str, title: str, body: list[str], lo: float, hi: float, ylabel: str, xlabel: str = "", chance: bool = False
+) -> str:
     ticks = [lo + (hi - lo) * i / 4 for i in range(5)]
-    parts = [f'<line x1="{PL}" y1="{PT}" x2="{PL}" y2="{H - PB}" stroke="#444"/>',
-             f'<line x1="{PL}" y1="{H - PB}" x2="{W - PR}" y2="{H - PB}" stroke="#444"/>']
+    parts = [
+        f'<line x1="{PL}" y1="{PT}" x2="{PL}" y2="{H - PB}" stroke="#444"/>',
+        f'<line x1="{PL}" y1="{H - PB}" x2="{W - PR}" y2="{H - PB}" stroke="#444"/>',
+    ]
     parts += [f'<text x="{PL - 4}" y="{_ys(t, lo, hi) + 4:.1f}" text-anchor="end">{fmt(t)}</text>' for t in ticks]
-    parts.append(f'<text x="12" y="{(H - PB + PT) / 2}" transform="rotate(-90 12 {(H - PB + PT) / 2})" '
-                 f'text-anchor="middle">{_esc(ylabel)}</text>')
+    parts.append(
+        f'<text x="12" y="{(H - PB + PT) / 2}" transform="rotate(-90 12 {(H - PB + PT) / 2})" '
+        f'text-anchor="middle">{_esc(ylabel)}</text>'
+    )
     parts.append(f'<text x="{(W + PL) / 2}" y="{H - 4}" text-anchor="middle">{_esc(xlabel)}</text>')
     if chance:
         y = _ys(CHANCE, lo, hi)
-        parts.append(f'<line class="chance" x1="{PL}" y1="{y:.1f}" x2="{W - PR}" y2="{y:.1f}" stroke="#555" '
-                     f'stroke-dasharray="5,4"/><text x="{W - PR - 2}" y="{y - 3:.1f}" text-anchor="end">'
-                     f"chance {CHANCE}</text>")
-    return (f'<figure><figcaption>{_esc(title)}</figcaption><svg id="{pid}" class="plot" role="img" '
-            f'aria-label="{_esc(title)}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">'
-            + "".join(parts + body) + "</svg></figure>")
+        parts.append(
+            f'<line class="chance" x1="{PL}" y1="{y:.1f}" x2="{W - PR}" y2="{y:.1f}" stroke="#555" '
+            f'stroke-dasharray="5,4"/><text x="{W - PR - 2}" y="{y - 3:.1f}" text-anchor="end">'
+            f"chance {CHANCE}</text>"
+        )
+    return (
+        f'<figure><figcaption>{_esc(title)}</figcaption><svg id="{pid}" class="plot" role="img" '
+        f'aria-label="{_esc(title)}" width="{W}" height="{H}" viewBox="0 0 {W} {H}">'
+        + "".join(parts + body)
+        + "</svg></figure>"
+    )
 
 
-def _bars(groups: list[str], series: dict[str, list[float | None]], colors: dict[str, str], hi: float,
-          by_group: bool = False) -> list[str]:
+def _bars(
+    groups: list[str], series: dict[str, list[float | None]], colors: dict[str, str], hi: float, by_group: bool = False
+) -> list[str]:
     out, gw = [], (W - PL - PR) / max(1, len(groups))
     bw = min(gw * 0.8 / max(1, len(series)), 48.0)
     for gi, g in enumerate(groups):
@@ -189,8 +215,10 @@ def _bars(groups: list[str], series: dict[str, list[float | None]], colors: dict
             if (v := vals[gi]) is not None:
                 x, y = PL + gw * gi + (gw - bw * len(series)) / 2 + bw * si, _ys(v, 0, hi)
                 tip = _esc(f"{name} {g}".strip())
-                out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{H - PB - y:.1f}" '
-                           f'fill="{colors[g if by_group else name]}"><title>{tip}: {fmt(v)}</title></rect>')
+                out.append(
+                    f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{H - PB - y:.1f}" '
+                    f'fill="{colors[g if by_group else name]}"><title>{tip}: {fmt(v)}</title></rect>'
+                )
     return out
 
 
@@ -203,42 +231,63 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
     pts = [(n, x, y / base_ppl if base_ppl else y) for n, x, y in pts if x is not None and y is not None]
     ys = [y for *_, y in pts] or [1.0]
     lo, hi = min(ys) - 0.05 * (max(ys) - min(ys) or 1), max(ys) + 0.05 * (max(ys) - min(ys) or 1)
-    dots = [f'<circle cx="{_xs(x, 0, 1):.1f}" cy="{_ys(y, lo, hi):.1f}" r="5" fill="{colors[n]}"/><text '
-            f'x="{_xs(x, 0, 1) + 7:.1f}" y="{_ys(y, lo, hi) - 5:.1f}">{_esc(n)}</text>' for n, x, y in pts]
-    dots += [f'<text x="{_xs(t, 0, 1):.1f}" y="{H - PB + 14}" text-anchor="middle">{fmt(t)}</text>'
-             for t in (0, 0.25, 0.5, 0.75, 1)]
+    dots = [
+        f'<circle cx="{_xs(x, 0, 1):.1f}" cy="{_ys(y, lo, hi):.1f}" r="5" fill="{colors[n]}"/><text '
+        f'x="{_xs(x, 0, 1) + 7:.1f}" y="{_ys(y, lo, hi) - 5:.1f}">{_esc(n)}</text>'
+        for n, x, y in pts
+    ]
+    dots += [
+        f'<text x="{_xs(t, 0, 1):.1f}" y="{H - PB + 14}" text-anchor="middle">{fmt(t)}</text>'
+        for t in (0, 0.25, 0.5, 0.75, 1)
+    ]
     ylab = "retain ppl / base" if base_ppl else "retain_heldout_ppl"
     out.append(_svg("plot-tradeoff", "Forget vs retain trade-off", dots, lo, hi, ylab, "target accuracy"))
     curves = {n: c for n, r in ms.items() if (c := _curve(r))}
     steps = [s for c in curves.values() for s, _ in c] or [0.0, 1.0]
     s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-    lines = [f'<text x="{_xs(s, s0, s1):.1f}" y="{H - PB + 14}" text-anchor="middle">{fmt(s)}</text>'
-             for s in sorted(set(steps))]
+    lines = [
+        f'<text x="{_xs(s, s0, s1):.1f}" y="{H - PB + 14}" text-anchor="middle">{fmt(s)}</text>'
+        for s in sorted(set(steps))
+    ]
     for n, c in curves.items():
         xy = [(_xs(s, s0, s1), _ys(a, 0, 1)) for s, a in c]
-        lines.append(f'<polyline fill="none" stroke="{colors[n]}" stroke-width="2" '
-                     f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}"/>')
+        lines.append(
+            f'<polyline fill="none" stroke="{colors[n]}" stroke-width="2" '
+            f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}"/>'
+        )
         lines += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colors[n]}"/>' for x, y in xy]
-    out.append(_svg("plot-relearning", "Relearning attack: target accuracy", lines, 0, 1, "target acc", "step",
-                    chance=True))
+    out.append(
+        _svg("plot-relearning", "Relearning attack: target accuracy", lines, 0, 1, "target acc", "step", chance=True)
+    )
     react = {n: v for n, r in ms.items() if (v := _num(_get(r, "reactivation", "fraction"))) is not None}
     top = max([1.0, *react.values()])
     rbars = _bars(list(react), {"": list(react.values())}, colors, top, by_group=True)
-    out.append(_svg("plot-reactivation", "Feature re-activation (fraction of base)", rbars, 0, top, "fraction",
-                    "method"))
+    out.append(
+        _svg("plot-reactivation", "Feature re-activation (fraction of base)", rbars, 0, top, "fraction", "method")
+    )
     return '<div class="plots">' + "".join(out) + "</div>"
 
 
 def _generations(ms: dict[str, Any]) -> str:
     out = []
     for part in ("forget_prompts", "coherence"):
-        texts = {n: {str(s.get("prompt")): str(s.get("text")) for s in _get(r, "fluency", part, "samples") or []
-                     if isinstance(s, dict)} for n, r in ms.items()}
+        texts = {
+            n: {
+                str(s.get("prompt")): str(s.get("text"))
+                for s in _get(r, "fluency", part, "samples") or []
+                if isinstance(s, dict)
+            }
+            for n, r in ms.items()
+        }
         prompts = list(dict.fromkeys(p for t in texts.values() for p in t))
         if prompts:
-            rows = [[f'<span class="gen">{_esc(p)}</span>', *(f'<span class="gen">{_esc(texts[n][p])}</span>'
-                                                               if p in texts[n] else DASH for n in ms)]
-                    for p in prompts]
+            rows = [
+                [
+                    f'<span class="gen">{_esc(p)}</span>',
+                    *(f'<span class="gen">{_esc(texts[n][p])}</span>' if p in texts[n] else DASH for n in ms),
+                ]
+                for p in prompts
+            ]
             out.append(f"<h3>{_esc(part)}</h3>" + _table(["prompt", *ms], rows, raw=True))
     return "".join(out) or '<p class="na">no samples</p>'
 
@@ -249,20 +298,36 @@ def render_compare_report(results: dict[str, Any]) -> str:
     names = [n for n in METHOD_ORDER if n in raw] + [n for n in raw if n not in METHOD_ORDER]
     ms = {str(n): raw[n] for n in names}
     colors = {n: COLORS.get(n, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, n in enumerate(ms)}
-    meta = "".join(f"<tr><td>{k}</td><td>{_esc(v)}</td></tr>" for k, v in (
-        ("concept", results.get("concept", DASH)), ("model", results.get("model", DASH)),
-        ("created", results.get("created", DASH)), ("methods", ", ".join(ms))))
-    verdict = {None: f'<span class="na">{DASH}</span>', True: '<span class="pass">pass</span>',
-               False: '<span class="fail">fail</span>'}
-    goals = [[_esc(f"{k}: {fmt(g) if _num(g) is not None else json.dumps(g)}"), fmt(m), verdict[ok]]
-             for k, g, m, ok in goal_rows(results)]
+    meta = "".join(
+        f"<tr><td>{k}</td><td>{_esc(v)}</td></tr>"
+        for k, v in (
+            ("concept", results.get("concept", DASH)),
+            ("model", results.get("model", DASH)),
+            ("created", results.get("created", DASH)),
+            ("methods", ", ".join(ms)),
+        )
+    )
+    verdict = {
+        None: f'<span class="na">{DASH}</span>',
+        True: '<span class="pass">pass</span>',
+        False: '<span class="fail">fail</span>',
+    }
+    goals = [
+        [_esc(f"{k}: {fmt(g) if _num(g) is not None else json.dumps(g)}"), fmt(m), verdict[ok]]
+        for k, g, m, ok in goal_rows(results)
+    ]
     gtable = _table(["goal", "measured (crisp vs base)", "result"], goals, raw=True)
-    legend = '<p class="legend">' + "".join(f'<span style="background:{c}"></span>{_esc(n)}'
-                                            for n, c in colors.items()) + "</p>"
+    legend = (
+        '<p class="legend">'
+        + "".join(f'<span style="background:{c}"></span>{_esc(n)}' for n, c in colors.items())
+        + "</p>"
+    )
     title = _esc(f"compare · {results.get('concept', '')} · {results.get('model', '')}")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body><h1>{title}</h1><table class=\"meta\">{meta}</table>"
-            f"<h2>Metrics</h2>{_table(['metric', *ms], [[k, *v] for k, v in _metric_rows(ms)])}"
-            f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}"
-            f"<h2>Plots</h2>{legend}{_plots(ms, colors)}<h2>Generations before/after</h2>{_generations(ms)}"
-            "</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f'<style>{CSS}</style></head><body><h1>{title}</h1><table class="meta">{meta}</table>'
+        f"<h2>Metrics</h2>{_table(['metric', *ms], [[k, *v] for k, v in _metric_rows(ms)])}"
+        f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}"
+        f"<h2>Plots</h2>{legend}{_plots(ms, colors)}<h2>Generations before/after</h2>{_generations(ms)}"
+        "</body></html>"
+    )

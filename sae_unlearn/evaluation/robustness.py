@@ -53,14 +53,22 @@ def adversarial(model: Any, tokenizer: Any, probes: Sequence[Probe], hint_pool: 
         lp = option_logprobs(model, tokenizer, items)
         right[name] = np.array([int(np.argmax(s)) == 0 for s in lp])
     worst = np.stack(list(right.values())).any(0)
-    return {"templates": {k: accuracy(v).to_dict() for k, v in right.items()},
-            "worst_case": accuracy(worst).to_dict()}
+    return {"templates": {k: accuracy(v).to_dict() for k, v in right.items()}, "worst_case": accuracy(worst).to_dict()}
 
 
-def relearning_attack(attack_model: Any, tokenizer: Any, paragraphs: Sequence[str],
-                      measure: Callable[[Any], float], steps: int = 20, lr: float = 3e-4, batch_size: int = 4,
-                      r: int = 8, eval_at: Sequence[int] = (0, 10, 20), seed: int = 0,
-                      max_length: int = 128) -> dict[str, Any]:
+def relearning_attack(
+    attack_model: Any,
+    tokenizer: Any,
+    paragraphs: Sequence[str],
+    measure: Callable[[Any], float],
+    steps: int = 20,
+    lr: float = 3e-4,
+    batch_size: int = 4,
+    r: int = 8,
+    eval_at: Sequence[int] = (0, 10, 20),
+    seed: int = 0,
+    max_length: int = 128,
+) -> dict[str, Any]:
     """Fine-tune a copy of the (unlearned) model with LoRA on every projection; measure along the way.
 
     `attack_model` is consumed (trained in place); `measure(model)` returns target accuracy.

@@ -31,8 +31,9 @@ def letter_prompt(probe: Probe, options: Sequence[str]) -> str:
     return f"Question: {probe.prompt}\n{lines}\nAnswer:"
 
 
-def logits_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              cols: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """Logits [n, vocab] at (rows, cols) only: the body runs once, the lm_head only where needed."""
     hidden = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     inner = _unwrap(model)
@@ -54,14 +55,14 @@ def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_s
     scores = [[0.0] * len(p.options) for p in probes]
     pad = tokenizer.pad_token_id
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         width = max(len(it[2]) for it in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         rows, cols, targets = [], [], []
         for r, (_, _, seq, n_prompt, n_opt) in enumerate(chunk):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
             for j in range(n_opt):
                 rows.append(r)
                 cols.append(n_prompt - 1 + j)
@@ -70,14 +71,15 @@ def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_s
         logp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
         offset = 0
         for pi, oi, _, _, n_opt in chunk:
-            scores[pi][oi] = float(logp[offset:offset + n_opt].mean())
+            scores[pi][oi] = float(logp[offset : offset + n_opt].mean())
             offset += n_opt
     return scores
 
 
 @torch.no_grad()
-def letter_choices(model: Any, tokenizer: Any, probes: Sequence[Probe], n_permutations: int = 4,
-                   batch_size: int = 32) -> np.ndarray:
+def letter_choices(
+    model: Any, tokenizer: Any, probes: Sequence[Probe], n_permutations: int = 4, batch_size: int = 32
+) -> np.ndarray:
     """[n_probes, n_permutations] bool: right answer chosen under each cyclic rotation of the options."""
     device = next(model.parameters()).device
     letter_ids = [tokenizer(" " + L, add_special_tokens=False).input_ids[-1] for L in LETTERS[:4]]
@@ -91,16 +93,17 @@ def letter_choices(model: Any, tokenizer: Any, probes: Sequence[Probe], n_permut
     tokenizer.padding_side = "right"
     right = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         last = enc.attention_mask.sum(-1) - 1
         logits = logits_at(model, enc.input_ids, enc.attention_mask, torch.arange(len(last)), last.cpu())
-        picks = logits[:, letter_ids[:len(probes[0].options)]].argmax(-1).cpu().tolist()
-        right.extend(p == a for p, a in zip(picks, answers[start:start + batch_size], strict=True))
+        picks = logits[:, letter_ids[: len(probes[0].options)]].argmax(-1).cpu().tolist()
+        right.extend(p == a for p, a in zip(picks, answers[start : start + batch_size], strict=True))
     return np.array(right, dtype=bool).reshape(len(probes), n_permutations)
 
 
-def bootstrap_ci(correct: Sequence[bool] | np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    correct: Sequence[bool] | np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     values = np.asarray(correct, dtype=float)
     if len(values) == 0:
         return (float("nan"), float("nan"))

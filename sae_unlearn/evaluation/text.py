@@ -27,8 +27,13 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int
     total, count = 0.0, 0
     specials = special_token_ids(tokenizer)
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length).to(device)
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        ).to(device)
         valid = valid_token_mask(enc.input_ids, enc.attention_mask, specials)
         target_valid = valid[:, 1:]
         rows, cols = target_valid.nonzero(as_tuple=True)
@@ -57,12 +62,12 @@ def foreign_script_share(prompt: str, text: str) -> float:
 
 
 def repeated_ngram_share(words: Sequence[str], n: int = 3) -> float:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -92,6 +97,7 @@ def fluency_metrics(base_model: Any, tokenizer: Any, prompts: Sequence[str], tex
         "base_ppl": math.exp(sum(finite) / len(finite)) if finite else float("nan"),
         "repeated_3gram_share": sum(repeated_ngram_share(t.split()) for t in texts) / max(1, len(texts)),
         "distinct_2": distinct_n(texts, 2),
-        "foreign_script_share": sum(foreign_script_share(p, t) for p, t in zip(prompts, texts, strict=True)) / max(1, len(texts)),
+        "foreign_script_share": sum(foreign_script_share(p, t) for p, t in zip(prompts, texts, strict=True))
+        / max(1, len(texts)),
         "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)],
     }

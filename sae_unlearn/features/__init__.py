@@ -59,10 +59,19 @@ class FeatureSelection:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": FEATURES_VERSION, "model": self.model, "model_source": self.model_source, "saes": self.saes,
-                "concept": self.concept, "concept_fingerprint": self.concept_fingerprint, "strategy": self.strategy,
-                "params": self.params, "tokens": self.tokens, "stats_key": self.stats_key,
-                "features": [f.to_dict() for f in self.features]}
+        return {
+            "version": FEATURES_VERSION,
+            "model": self.model,
+            "model_source": self.model_source,
+            "saes": self.saes,
+            "concept": self.concept,
+            "concept_fingerprint": self.concept_fingerprint,
+            "strategy": self.strategy,
+            "params": self.params,
+            "tokens": self.tokens,
+            "stats_key": self.stats_key,
+            "features": [f.to_dict() for f in self.features],
+        }
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +81,15 @@ class FeatureSelection:
             for s in self.stats.values():
                 tensors.update(s.tensors())
             tmp = out / ".stats.safetensors.tmp"
-            save_file(tensors, str(tmp), metadata={"tokens": json.dumps(
-                {str(s.layer): [s.forget_tokens, s.retain_tokens] for s in self.stats.values()})})
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={
+                    "tokens": json.dumps(
+                        {str(s.layer): [s.forget_tokens, s.retain_tokens] for s in self.stats.values()}
+                    )
+                },
+            )
             tmp.replace(out / "stats.safetensors")
         if self.examples:
             from sae_unlearn.features.report import render_report
@@ -97,30 +113,61 @@ def load_features(path: str | Path) -> FeatureSelection:
         raise UserError(f"{path} is not a valid features.json ({type(e).__name__}: {e})") from e
 
 
-def find_features(loaded: LoadedModel, saes: Sequence[LoadedSAE], pack: ConceptPack, strategy: Strategy | str = "crisp",
-                  *, k: int = 10, use_cache: bool = True, with_examples: bool = True, batch_size: int = 8,
-                  max_length: int = 256, progress: Callable[[int, int], None] | None = None) -> FeatureSelection:
+def find_features(
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    pack: ConceptPack,
+    strategy: Strategy | str = "crisp",
+    *,
+    k: int = 10,
+    use_cache: bool = True,
+    with_examples: bool = True,
+    batch_size: int = 8,
+    max_length: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureSelection:
     """Compute statistics on the pack's training splits and select features with `strategy`."""
     if isinstance(strategy, str):
         strategy = make_strategy(strategy, k=k)
     forget, retain = pack.forget_split("train"), pack.retain_split("train")
     if len(forget) < batch_size or len(retain) < batch_size:
-        raise UserError(f"the concept pack has {len(forget)} forget and {len(retain)} retain paragraphs for training, "
-                        f"fewer than one batch ({batch_size})", "add text, or pass a smaller --batch")
-    stats = compute_stats(loaded, saes, forget, retain, batch_size=batch_size, max_length=max_length,
-                          use_cache=use_cache, progress=progress)
+        raise UserError(
+            f"the concept pack has {len(forget)} forget and {len(retain)} retain paragraphs for training, "
+            f"fewer than one batch ({batch_size})",
+            "add text, or pass a smaller --batch",
+        )
+    stats = compute_stats(
+        loaded,
+        saes,
+        forget,
+        retain,
+        batch_size=batch_size,
+        max_length=max_length,
+        use_cache=use_cache,
+        progress=progress,
+    )
     selected = strategy.select(stats)
     if not selected:
-        raise UserError(f"strategy {strategy.name} selected no feature",
-                        "loosen its filters (e.g. a lower min_ratio) or use more forget text")
+        raise UserError(
+            f"strategy {strategy.name} selected no feature",
+            "loosen its filters (e.g. a lower min_ratio) or use more forget text",
+        )
     first = next(iter(stats.values()))
     selection = FeatureSelection(
-        model=loaded.spec, model_source=loaded.source,
+        model=loaded.spec,
+        model_source=loaded.source,
         saes=[{"layer": s.layer, "spec": s.spec, "d_sae": s.d_sae, "neuronpedia_id": s.neuronpedia_id} for s in saes],
-        concept=pack.name, concept_fingerprint=pack.fingerprint(), strategy=strategy.name, params=strategy.params(),
+        concept=pack.name,
+        concept_fingerprint=pack.fingerprint(),
+        strategy=strategy.name,
+        params=strategy.params(),
         tokens={"forget": first.forget_tokens, "retain": first.retain_tokens},
-        stats_key=stats_key(loaded, saes, forget, retain, max_length), features=selected, stats=stats)
+        stats_key=stats_key(loaded, saes, forget, retain, max_length),
+        features=selected,
+        stats=stats,
+    )
     if with_examples:
-        selection.examples = collect_examples(loaded, saes, selected, {"forget": forget, "retain": retain},
-                                              batch_size=batch_size, max_length=max_length)
+        selection.examples = collect_examples(
+            loaded, saes, selected, {"forget": forget, "retain": retain}, batch_size=batch_size, max_length=max_length
+        )
     return selection

@@ -25,16 +25,23 @@ class FeatureExamples:
 
 
 def _context(tokenizer: Any, ids: list[int], pos: int, width: int) -> tuple[str, str, str]:
-    left = tokenizer.decode(ids[max(0, pos - width):pos], skip_special_tokens=True)
-    token = tokenizer.decode(ids[pos:pos + 1], skip_special_tokens=True)
-    right = tokenizer.decode(ids[pos + 1:pos + 1 + width // 2], skip_special_tokens=True)
+    left = tokenizer.decode(ids[max(0, pos - width) : pos], skip_special_tokens=True)
+    token = tokenizer.decode(ids[pos : pos + 1], skip_special_tokens=True)
+    right = tokenizer.decode(ids[pos + 1 : pos + 1 + width // 2], skip_special_tokens=True)
     return left, token, right
 
 
 @torch.no_grad()
-def collect_examples(loaded: LoadedModel, saes: Sequence[LoadedSAE], features: Sequence[SelectedFeature],
-                     corpora: dict[str, Sequence[str]], n_top: int = 5, width: int = 16, batch_size: int = 8,
-                     max_length: int = 256) -> dict[tuple[int, int], FeatureExamples]:
+def collect_examples(
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    features: Sequence[SelectedFeature],
+    corpora: dict[str, Sequence[str]],
+    n_top: int = 5,
+    width: int = 16,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> dict[tuple[int, int], FeatureExamples]:
     by_layer: dict[int, list[int]] = {}
     for f in features:
         by_layer.setdefault(f.layer, []).append(f.index)
@@ -70,5 +77,6 @@ def collect_examples(loaded: LoadedModel, saes: Sequence[LoadedSAE], features: S
     for (layer, index, side), heap in heaps.items():
         out[(layer, index)].top[side] = [
             (act, *_context(loaded.tokenizer, tokens[side][row], pos, width))
-            for act, row, pos, _ in sorted(heap, reverse=True)]
+            for act, row, pos, _ in sorted(heap, reverse=True)
+        ]
     return out

@@ -14,8 +14,13 @@ if TYPE_CHECKING:
     from sae_unlearn.features.contexts import FeatureExamples
     from sae_unlearn.features.selection import SelectedFeature
 
-SORT_KEYS = {"layer": "layer", "score": "score", "relative": "relative (ratio)", "forget_rate": "forget rate",
-             "retain_rate": "retain rate"}
+SORT_KEYS = {
+    "layer": "layer",
+    "score": "score",
+    "relative": "relative (ratio)",
+    "forget_rate": "forget rate",
+    "retain_rate": "retain rate",
+}
 COLORS = {"forget": "#d9534f", "retain": "#337ab7"}
 
 CSS = """
@@ -76,8 +81,10 @@ def _contexts(rows: list[tuple[float, str, str, str]]) -> str:
     out = []
     for act, left, token, right in rows:
         alpha = 0.15 + 0.85 * max(0.0, min(1.0, act / top))
-        out.append(f'<div class="ctx"><span class="act">{_fmt(act)}</span>{_text(left)}'
-                   f'<mark style="background:rgba(255,165,0,{alpha:.2f})">{_text(token)}</mark>{_text(right)}</div>')
+        out.append(
+            f'<div class="ctx"><span class="act">{_fmt(act)}</span>{_text(left)}'
+            f'<mark style="background:rgba(255,165,0,{alpha:.2f})">{_text(token)}</mark>{_text(right)}</div>'
+        )
     return "\n".join(out)
 
 
@@ -86,67 +93,92 @@ def _histogram(ex: FeatureExamples) -> str:
     w, h, left, bottom, top = 340, 150, 8, 22, 22
     n = len(ex.hist["forget"])
     bw = (w - 2 * left) / max(1, n)
-    parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="activation histogram">',
-             f'<line x1="{left}" y1="{h - bottom}" x2="{w - left}" y2="{h - bottom}" stroke="#999"/>']
+    parts = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="activation histogram">',
+        f'<line x1="{left}" y1="{h - bottom}" x2="{w - left}" y2="{h - bottom}" stroke="#999"/>',
+    ]
     for k, side in enumerate(("forget", "retain")):
         counts = ex.hist.get(side, [0] * n)
         peak = math.log1p(max(counts, default=0)) or 1.0
         for i, c in enumerate(counts):
             bar = (h - bottom - top) * math.log1p(c) / peak
             x = left + i * bw + k * bw / 2
-            parts.append(f'<rect x="{x:.1f}" y="{h - bottom - bar:.1f}" width="{bw / 2 - 0.5:.1f}" height="{bar:.1f}" '
-                         f'fill="{COLORS[side]}"><title>{side} bin {i}: {c}</title></rect>')
-        parts.append(f'<rect x="{left + k * 70}" y="4" width="10" height="10" fill="{COLORS[side]}"/>'
-                     f'<text x="{left + k * 70 + 14}" y="13" font-size="11">{side}</text>')
+            parts.append(
+                f'<rect x="{x:.1f}" y="{h - bottom - bar:.1f}" width="{bw / 2 - 0.5:.1f}" height="{bar:.1f}" '
+                f'fill="{COLORS[side]}"><title>{side} bin {i}: {c}</title></rect>'
+            )
+        parts.append(
+            f'<rect x="{left + k * 70}" y="4" width="10" height="10" fill="{COLORS[side]}"/>'
+            f'<text x="{left + k * 70 + 14}" y="13" font-size="11">{side}</text>'
+        )
     parts.append(f'<text x="{left + 140}" y="13" font-size="10" fill="#777">log count, each side / its max</text>')
     for frac, anchor in ((0.0, "start"), (0.5, "middle"), (1.0, "end")):
         x = left + frac * (w - 2 * left)
-        parts.append(f'<text x="{x:.1f}" y="{h - 6}" font-size="10" text-anchor="{anchor}">'
-                     f'{_fmt(frac * ex.bin_max)}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{h - 6}" font-size="10" text-anchor="{anchor}">{_fmt(frac * ex.bin_max)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _card(f: SelectedFeature, ex: FeatureExamples | None, link: str | None) -> str:
     attrs = f'data-layer="{int(f.layer)}" data-index="{int(f.index)}" ' + " ".join(
-        f'data-{k}="{_num(getattr(f, k))}"' for k in list(SORT_KEYS)[1:])
+        f'data-{k}="{_num(getattr(f, k))}"' for k in list(SORT_KEYS)[1:]
+    )
     title = f"L{int(f.layer)} #{int(f.index)}"
     if link:
         title += f' <a href="{escape(link, quote=True)}" target="_blank" rel="noopener">neuronpedia</a>'
-    nums = [("score", _fmt(f.score)), ("forget count", _fmt(f.forget_count)), ("retain count", _fmt(f.retain_count)),
-            ("forget rate", f"{100 * f.forget_rate:.3f}%"), ("retain rate", f"{100 * f.retain_rate:.3f}%"),
-            ("relative", _fmt(f.relative)), ("forget max", _fmt(f.forget_max)), ("retain max", _fmt(f.retain_max))]
+    nums = [
+        ("score", _fmt(f.score)),
+        ("forget count", _fmt(f.forget_count)),
+        ("retain count", _fmt(f.retain_count)),
+        ("forget rate", f"{100 * f.forget_rate:.3f}%"),
+        ("retain rate", f"{100 * f.retain_rate:.3f}%"),
+        ("relative", _fmt(f.relative)),
+        ("forget max", _fmt(f.forget_max)),
+        ("retain max", _fmt(f.retain_max)),
+    ]
     nums_html = "".join(f"<span>{k}: <b>{v}</b></span>" for k, v in nums)
     if ex is None:
         body = '<div class="none">no examples</div>'
     else:
         ctx = "".join(f"<h3>top {side} contexts</h3>{_contexts(ex.top.get(side, []))}" for side in ("forget", "retain"))
         body = f'<div class="ctxs">{ctx}</div><div class="hist">{_histogram(ex)}</div>'
-    return (f'<div class="card" id="f-{int(f.layer)}-{int(f.index)}" {attrs}>\n<h2>{title}</h2>\n'
-            f'<div class="nums">{nums_html}</div>\n<div class="body">{body}</div>\n</div>')
+    return (
+        f'<div class="card" id="f-{int(f.layer)}-{int(f.index)}" {attrs}>\n<h2>{title}</h2>\n'
+        f'<div class="nums">{nums_html}</div>\n<div class="body">{body}</div>\n</div>'
+    )
 
 
 def _header(sel: FeatureSelection) -> str:
     params = ", ".join(f"{_text(k)}={_text(repr(v))}" for k, v in sel.params.items()) or "none"
     tokens = ", ".join(f"{_text(k)}: {_text(v)}" for k, v in sel.tokens.items())
-    saes = "".join(f"<tr><td>{_text(s.get('layer', ''))}</td><td>{_text(s.get('spec', ''))}</td>"
-                   f"<td>{_text(s.get('d_sae', ''))}</td><td>{_text(s.get('neuronpedia_id') or '')}</td></tr>"
-                   for s in sel.saes)
-    return (f"<h1>Concept: {_text(sel.concept)}</h1>\n<table class=\"meta\">"
-            f"<tr><th>model</th><td>{_text(sel.model)} ({_text(sel.model_source)})</td></tr>"
-            f"<tr><th>strategy</th><td>{_text(sel.strategy)} ({params})</td></tr>"
-            f"<tr><th>tokens</th><td>{tokens}</td></tr><tr><th>features</th><td>{len(sel.features)}</td></tr></table>\n"
-            f"<h3>SAEs</h3><table class=\"meta\"><tr><th>layer</th><th>spec</th><th>d_sae</th><th>neuronpedia</th></tr>"
-            f"{saes}</table>")
+    saes = "".join(
+        f"<tr><td>{_text(s.get('layer', ''))}</td><td>{_text(s.get('spec', ''))}</td>"
+        f"<td>{_text(s.get('d_sae', ''))}</td><td>{_text(s.get('neuronpedia_id') or '')}</td></tr>"
+        for s in sel.saes
+    )
+    return (
+        f'<h1>Concept: {_text(sel.concept)}</h1>\n<table class="meta">'
+        f"<tr><th>model</th><td>{_text(sel.model)} ({_text(sel.model_source)})</td></tr>"
+        f"<tr><th>strategy</th><td>{_text(sel.strategy)} ({params})</td></tr>"
+        f"<tr><th>tokens</th><td>{tokens}</td></tr><tr><th>features</th><td>{len(sel.features)}</td></tr></table>\n"
+        f'<h3>SAEs</h3><table class="meta"><tr><th>layer</th><th>spec</th><th>d_sae</th><th>neuronpedia</th></tr>'
+        f"{saes}</table>"
+    )
 
 
 def render_report(selection: FeatureSelection) -> str:
     """The whole report as one HTML string that works offline from file://."""
     options = "".join(f'<option value="{k}">{v}</option>' for k, v in SORT_KEYS.items())
-    cards = "\n".join(_card(f, selection.examples.get((f.layer, f.index)),
-                            _neuronpedia(selection.saes, f.layer, f.index)) for f in selection.features)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>Features: {_text(selection.concept)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-            f"{_header(selection)}\n"
-            f'<div class="controls"><label for="sort">sort by </label><select id="sort">{options}</select></div>\n'
-            f'<div id="cards">\n{cards}\n</div>\n<script>{JS}</script>\n</body>\n</html>\n')
+    cards = "\n".join(
+        _card(f, selection.examples.get((f.layer, f.index)), _neuronpedia(selection.saes, f.layer, f.index))
+        for f in selection.features
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>Features: {_text(selection.concept)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f"{_header(selection)}\n"
+        f'<div class="controls"><label for="sort">sort by </label><select id="sort">{options}</select></div>\n'
+        f'<div id="cards">\n{cards}\n</div>\n<script>{JS}</script>\n</body>\n</html>\n'
+    )

@@ -51,13 +51,21 @@ def _balanced(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _feature(stats: LayerStats, index: int, score: float) -> SelectedFeature:
-    fc, rc, fsum, rsum = _balanced(stats)
+    _, _, fsum, rsum = _balanced(stats)
     return SelectedFeature(
-        layer=stats.layer, index=index, score=score, forget_count=float(stats.forget_count[index]),
-        retain_count=float(stats.retain_count[index]), forget_sum=float(stats.forget_sum[index]),
-        retain_sum=float(stats.retain_sum[index]), forget_max=float(stats.forget_max[index]),
-        retain_max=float(stats.retain_max[index]), forget_rate=float(stats.forget_rate[index]),
-        retain_rate=float(stats.retain_rate[index]), relative=float(fsum[index] / (rsum[index] + 1)))
+        layer=stats.layer,
+        index=index,
+        score=score,
+        forget_count=float(stats.forget_count[index]),
+        retain_count=float(stats.retain_count[index]),
+        forget_sum=float(stats.forget_sum[index]),
+        retain_sum=float(stats.retain_sum[index]),
+        forget_max=float(stats.forget_max[index]),
+        retain_max=float(stats.retain_max[index]),
+        forget_rate=float(stats.forget_rate[index]),
+        retain_rate=float(stats.retain_rate[index]),
+        relative=float(fsum[index] / (rsum[index] + 1)),
+    )
 
 
 @dataclass
@@ -73,8 +81,10 @@ class Strategy:
     def select(self, stats: dict[int, LayerStats]) -> list[SelectedFeature]:
         for s in stats.values():
             if self.k > len(s.forget_count):
-                raise UserError(f"--k {self.k} is larger than the SAE width {len(s.forget_count)} at layer {s.layer}",
-                                "choose a smaller --k")
+                raise UserError(
+                    f"--k {self.k} is larger than the SAE width {len(s.forget_count)} at layer {s.layer}",
+                    "choose a smaller --k",
+                )
         if self.k < 1:
             raise UserError("--k must be at least 1")
         return [f for layer in sorted(stats) for f in self.select_layer(stats[layer])]
@@ -115,8 +125,13 @@ class InlpStrategy(Strategy):
         mean_r = stats.retain_sum / stats.retain_count.clamp_min(1)
         act_ratio = (mean_f + self.smoothing) / (mean_r + self.smoothing)
         score = (ft - fr) * torch.log1p(ratio) * torch.log1p(act_ratio)
-        ok = ((ft >= self.min_forget_rate) & (stats.forget_count >= self.min_forget_count)
-              & (fr <= self.max_retain_rate) & (ft <= self.max_forget_rate) & (ratio >= self.min_ratio))
+        ok = (
+            (ft >= self.min_forget_rate)
+            & (stats.forget_count >= self.min_forget_count)
+            & (fr <= self.max_retain_rate)
+            & (ft <= self.max_forget_rate)
+            & (ratio >= self.min_ratio)
+        )
         return torch.where(ok, score, torch.full_like(score, float("-inf")))
 
     def select_layer(self, stats: LayerStats) -> list[SelectedFeature]:
@@ -131,8 +146,9 @@ class SaebenchStrategy(Strategy):
     name: ClassVar[str] = "saebench"
 
     def select_layer(self, stats: LayerStats) -> list[SelectedFeature]:
-        rate = torch.where(stats.retain_rate <= self.max_retain_rate, stats.forget_rate,
-                           torch.full_like(stats.forget_rate, -1.0))
+        rate = torch.where(
+            stats.retain_rate <= self.max_retain_rate, stats.forget_rate, torch.full_like(stats.forget_rate, -1.0)
+        )
         order = torch.argsort(rate, descending=True, stable=True)[: self.k]
         return [_feature(stats, int(i), float(rate[i])) for i in order if rate[i] > 0]
 
@@ -147,5 +163,7 @@ def make_strategy(name: str, **params: Any) -> Strategy:
     valid = {f.name for f in fields(cls)}
     unknown = set(params) - valid
     if unknown:
-        raise UserError(f"strategy {name} has no parameter {sorted(unknown)[0]!r}", f"its parameters: {', '.join(sorted(valid))}")
+        raise UserError(
+            f"strategy {name} has no parameter {sorted(unknown)[0]!r}", f"its parameters: {', '.join(sorted(valid))}"
+        )
     return cls(**params)

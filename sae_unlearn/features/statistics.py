@@ -50,20 +50,32 @@ class LayerStats:
         return self.retain_count / max(1, self.retain_tokens)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"L{self.layer}.{name}": getattr(self, name).contiguous() for name in
-                ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")}
+        return {
+            f"L{self.layer}.{name}": getattr(self, name).contiguous()
+            for name in ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")
+        }
 
 
-def iter_batches(texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+def iter_batches(
+    texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches of whole paragraphs (truncated at max_length), BOS added by the tokenizer."""
     tokenizer.padding_side = "right"
     for start in range(0, len(texts), batch_size):
-        yield tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+        yield tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
 
 
-def encode_layers(loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor],
-                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+def encode_layers(
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """SAE latents [B, T, d_sae] per layer for one batch, and the valid-token mask [B, T]."""
     ids = batch["input_ids"].to(loaded.device)
     attn = batch["attention_mask"].to(loaded.device)
@@ -73,20 +85,36 @@ def encode_layers(loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[st
     return latents, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
 
 
-def stats_key(loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str],
-              max_length: int) -> str:
+def stats_key(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str], max_length: int
+) -> str:
     sae_ids = []
     for s in saes:
         weights = Path(s.spec) / "sae_weights.safetensors"
         sae_ids.append(sha256_file(weights) if weights.exists() else s.spec)
     corpus = hash_json([list(forget), list(retain)])
-    return hash_json({"v": STATS_VERSION, "model": loaded.source, "dtype": str(loaded.dtype), "saes": sae_ids,
-                      "corpus": corpus, "max_length": max_length})
+    return hash_json(
+        {
+            "v": STATS_VERSION,
+            "model": loaded.source,
+            "dtype": str(loaded.dtype),
+            "saes": sae_ids,
+            "corpus": corpus,
+            "max_length": max_length,
+        }
+    )
 
 
-def compute_stats(loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str],
-                  batch_size: int = 8, max_length: int = 256, use_cache: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> dict[int, LayerStats]:
+def compute_stats(
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    forget: Sequence[str],
+    retain: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 256,
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[int, LayerStats]:
     if not forget:
         raise UserError("the forget corpus is empty", "give the concept pack a forget file with text")
     if not retain:
@@ -139,7 +167,9 @@ def load_stats(path: Path) -> dict[int, LayerStats]:
     out = {}
     for layer_str, tokens in meta.items():
         layer = int(layer_str)
-        fields = {name: tensors[f"L{layer}.{name}"] for name in
-                  ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")}
+        fields = {
+            name: tensors[f"L{layer}.{name}"]
+            for name in ("forget_count", "retain_count", "forget_sum", "retain_sum", "forget_max", "retain_max")
+        }
         out[layer] = LayerStats(layer=layer, **fields, **tokens)
     return out

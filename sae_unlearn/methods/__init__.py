@@ -32,9 +32,19 @@ log = logging.getLogger(__name__)
 __all__ = ["METHODS", "apply", "export_merged", "method_config", "unlearn"]
 
 
-def unlearn(method: str, loaded: LoadedModel, pack: ConceptPack, out: Path, *, options: dict[str, Any] | None = None,
-            saes: list[LoadedSAE] | None = None, sae_spec: str = "shipped", features: FeatureSelection | None = None,
-            resume: bool = False, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Path:
+def unlearn(
+    method: str,
+    loaded: LoadedModel,
+    pack: ConceptPack,
+    out: Path,
+    *,
+    options: dict[str, Any] | None = None,
+    saes: list[LoadedSAE] | None = None,
+    sae_spec: str = "shipped",
+    features: FeatureSelection | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> Path:
     """Run a method and write its run directory (config.json, features.json, artifact, train log)."""
     config = method_config(method, options or {})
     cls = METHODS[method]
@@ -46,17 +56,39 @@ def unlearn(method: str, loaded: LoadedModel, pack: ConceptPack, out: Path, *, o
     out.mkdir(parents=True, exist_ok=True)
     if features is not None and cls.needs_saes:
         features.write(out)
-    ctx = MethodContext(loaded=loaded, pack=pack, out=out, sae_spec=sae_spec, saes=saes or [], features=features,
-                        progress=progress, resume=resume)
+    ctx = MethodContext(
+        loaded=loaded,
+        pack=pack,
+        out=out,
+        sae_spec=sae_spec,
+        saes=saes or [],
+        features=features,
+        progress=progress,
+        resume=resume,
+    )
     start = time.perf_counter()
     summary = cls(config).run(ctx)
-    atomic_write_json(out / "config.json", {
-        "run_version": RUN_VERSION, "method": method, "options": asdict(config), "model": loaded.spec,
-        "model_source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
-        "sae": sae_spec if cls.needs_saes else None, "concept": pack.name, "concept_fingerprint": pack.fingerprint(),
-        "features": {"strategy": features.strategy, "params": features.params, "count": len(features.features)}
-        if features is not None and cls.needs_saes else None,
-        "seed": seed, "seconds": round(time.perf_counter() - start, 1), "versions": versions(), "result": summary})
+    atomic_write_json(
+        out / "config.json",
+        {
+            "run_version": RUN_VERSION,
+            "method": method,
+            "options": asdict(config),
+            "model": loaded.spec,
+            "model_source": loaded.source,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "sae": sae_spec if cls.needs_saes else None,
+            "concept": pack.name,
+            "concept_fingerprint": pack.fingerprint(),
+            "features": {"strategy": features.strategy, "params": features.params, "count": len(features.features)}
+            if features is not None and cls.needs_saes
+            else None,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - start, 1),
+            "versions": versions(),
+            "result": summary,
+        },
+    )
     return out
 
 
@@ -81,8 +113,10 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
         try:
             peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
         except Exception as e:
-            raise UserError(f"cannot apply the adapter in {adapter}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                            "it was made for another base model") from e
+            raise UserError(
+                f"cannot apply the adapter in {adapter}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                "it was made for another base model",
+            ) from e
         peft_model.eval()
         try:
             yield peft_model
@@ -99,8 +133,11 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
             layer, rest = name.split(".", 1)
             params[name] = blocks[int(layer)].get_parameter(rest)
             if params[name].shape != weights[name].shape:
-                raise UserError(f"{path}: {name} has shape {tuple(weights[name].shape)}, the model's is "
-                                f"{tuple(params[name].shape)}", "it was made for another base model")
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(weights[name].shape)}, the model's is "
+                    f"{tuple(params[name].shape)}",
+                    "it was made for another base model",
+                )
         originals = {k: p.detach().clone() for k, p in params.items()}
         with torch.no_grad():
             for k, p in params.items():
@@ -119,8 +156,10 @@ def export_merged(loaded: LoadedModel, run_dir: str | Path, out: Path, overwrite
     """Write a full HF model (safetensors) with the run's weights merged in: loads with plain transformers."""
     config = read_config(run_dir)
     if config["method"] in ("clamp", "ablate"):
-        raise UserError(f"{config['method']} is an inference-time intervention and has no weights to merge",
-                        "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/rmu run")
+        raise UserError(
+            f"{config['method']} is an inference-time intervention and has no weights to merge",
+            "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/rmu run",
+        )
     run_dir = Path(run_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if config["method"] == "crisp":
@@ -132,8 +171,9 @@ def export_merged(loaded: LoadedModel, run_dir: str | Path, out: Path, overwrite
             merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
             merged.save_pretrained(str(tmp))
             # merging wrote the LoRA deltas into the base weights in place: reload clean ones
-            loaded.model = load_model(loaded.spec, dtype=str(loaded.dtype).removeprefix("torch."),
-                                      device=str(loaded.device)).model
+            loaded.model = load_model(
+                loaded.spec, dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device)
+            ).model
         else:
             with apply(loaded, run_dir) as model:
                 model.save_pretrained(str(tmp))

@@ -47,10 +47,22 @@ class ClampMethod(Method):
         if cfg.refusal_feature is not None:
             r_layer, r_index = _parse_refusal(cfg.refusal_feature)
             if r_layer not in {e.layer for e in edits}:
-                raise UserError(f"the refusal feature is on layer {r_layer}, where no feature was selected",
-                                f"pick a refusal feature on one of layers {sorted(e.layer for e in edits)}")
-            edits = [LayerEdit(e.layer, e.features, "refusal", threshold=cfg.threshold, value=cfg.refusal_value,
-                               refusal_feature=r_index) for e in edits if e.layer == r_layer]
+                raise UserError(
+                    f"the refusal feature is on layer {r_layer}, where no feature was selected",
+                    f"pick a refusal feature on one of layers {sorted(e.layer for e in edits)}",
+                )
+            edits = [
+                LayerEdit(
+                    e.layer,
+                    e.features,
+                    "refusal",
+                    threshold=cfg.threshold,
+                    value=cfg.refusal_value,
+                    refusal_feature=r_index,
+                )
+                for e in edits
+                if e.layer == r_layer
+            ]
         intervention = Intervention("clamp", ctx.loaded.spec, ctx.sae_spec, edits)
         atomic_write_json(ctx.out / "intervention.json", intervention.to_json())
         return {"artifact": "intervention.json", "layers": [e.layer for e in edits]}
@@ -69,8 +81,10 @@ class AblateMethod(Method):
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: AblateConfig = self.config
-        edits = [LayerEdit(layer, feats, "scale", threshold=cfg.threshold, scale=cfg.scale)
-                 for layer, feats in _selected(ctx).items()]
+        edits = [
+            LayerEdit(layer, feats, "scale", threshold=cfg.threshold, scale=cfg.scale)
+            for layer, feats in _selected(ctx).items()
+        ]
         intervention = Intervention("ablate", ctx.loaded.spec, ctx.sae_spec, edits)
         atomic_write_json(ctx.out / "intervention.json", intervention.to_json())
         return {"artifact": "intervention.json", "layers": [e.layer for e in edits]}

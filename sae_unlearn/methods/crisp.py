@@ -47,8 +47,9 @@ class CrispConfig:
     lora_r: int = 4
     lora_alpha: int | None = None  # default 2r
     lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     lora_layers: list[int] | None = None  # default: from one below the first SAE layer to the deepest
     steps: int = 200
     batch_size: int = 4
@@ -80,8 +81,14 @@ def _pre_acts(sae: Any, x: torch.Tensor) -> torch.Tensor:
     return pre
 
 
-def published_unlearn_loss(sae: Any, adapted: torch.Tensor, frozen_active: torch.Tensor, features: torch.Tensor,
-                           valid: torch.Tensor, alpha: float) -> torch.Tensor:
+def published_unlearn_loss(
+    sae: Any,
+    adapted: torch.Tensor,
+    frozen_active: torch.Tensor,
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
     """Mean selected activation after the margin, on valid tokens where the frozen model had it active."""
     pre = _pre_acts(sae, adapted.to(sae.W_enc.dtype))
     margin = (alpha * pre.mean(-1, keepdim=True)).abs()
@@ -115,22 +122,40 @@ class CrispMethod(Method):
             raise UserError(f"features were selected on layers {missing} but no SAE for them is loaded")
         lora_layers = cfg.lora_layers if cfg.lora_layers is not None else default_lora_layers(list(by_layer))
         if max(lora_layers) < max(by_layer):
-            log.warning("LoRA reaches block %d but the deepest SAE layer is %d: features there can only change "
-                        "through earlier blocks", max(lora_layers), max(by_layer))
-        trainer = AdapterTrainer(ctx, lora_layers, cfg.target_modules, cfg.lora_r, int(cfg.lora_alpha or 8),
-                                 cfg.lora_dropout, cfg.lr, cfg.seed, amsgrad=True)
+            log.warning(
+                "LoRA reaches block %d but the deepest SAE layer is %d: features there can only change "
+                "through earlier blocks",
+                max(lora_layers),
+                max(by_layer),
+            )
+        trainer = AdapterTrainer(
+            ctx,
+            lora_layers,
+            cfg.target_modules,
+            cfg.lora_r,
+            int(cfg.lora_alpha or 8),
+            cfg.lora_dropout,
+            cfg.lr,
+            cfg.seed,
+            amsgrad=True,
+        )
         loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
-        summary = trainer.train(loss_fn, cfg.steps, cfg.checkpoint_every,
-                                fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
-                                max_fluency_ratio=cfg.max_fluency_ratio)
+        summary = trainer.train(
+            loss_fn,
+            cfg.steps,
+            cfg.checkpoint_every,
+            fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
+            max_fluency_ratio=cfg.max_fluency_ratio,
+        )
         return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
 
 
 class _CrispLoss:
     """Callable(step) -> (total, {term: value}); deterministic batches from (seed, step)."""
 
-    def __init__(self, ctx: MethodContext, cfg: CrispConfig, saes: dict[int, LoadedSAE],
-                 features: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self, ctx: MethodContext, cfg: CrispConfig, saes: dict[int, LoadedSAE], features: dict[int, torch.Tensor]
+    ) -> None:
         self.ctx, self.cfg, self.saes, self.features = ctx, cfg, saes, features
         self.layers = sorted(features)
         self.forget = ctx.pack.forget_split("train")
@@ -144,13 +169,15 @@ class _CrispLoss:
         epoch, i = divmod(step, per_epoch)
         order = list(range(len(texts)))
         random.Random(self.cfg.seed * 1000 + salt * 100 + epoch).shuffle(order)
-        return [texts[j] for j in order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]]
+        return [texts[j] for j in order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]]
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, loaded = self.cfg, self.ctx.loaded
         forget = tokenize(loaded.tokenizer, self._batch(self.forget, step, 1), cfg.max_length, loaded.device)
         retain = tokenize(loaded.tokenizer, self._batch(self.retain, step, 2), cfg.max_length, loaded.device)
-        coherence = tokenize(loaded.tokenizer, [self.coherence[step % len(self.coherence)]], cfg.max_length, loaded.device)
+        coherence = tokenize(
+            loaded.tokenizer, [self.coherence[step % len(self.coherence)]], cfg.max_length, loaded.device
+        )
 
         with model.disable_adapter(), torch.no_grad():
             frozen_f = hidden_at_layers(model, forget, self.layers)
@@ -166,8 +193,9 @@ class _CrispLoss:
             if cfg.objective == "published":
                 with torch.no_grad():
                     active = sae.encode(frozen_f.hidden[layer].to(sae.W_enc.dtype))[..., feats] > 0
-                unlearn = unlearn + published_unlearn_loss(sae, adapted_f.hidden[layer], active, feats,
-                                                           forget.valid, cfg.alpha)
+                unlearn = unlearn + published_unlearn_loss(
+                    sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.alpha
+                )
             else:
                 with torch.no_grad():
                     target = ablation_target(sae, frozen_f.hidden[layer], feats, cfg.ablation_scale)
@@ -175,17 +203,23 @@ class _CrispLoss:
         unlearn = unlearn / len(self.layers)
 
         if cfg.objective == "published":
-            retain_loss = sum(((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
-                              for layer in self.layers) / len(self.layers)
+            retain_loss = sum(
+                ((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
+                for layer in self.layers
+            ) / len(self.layers)
             coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[coherence.valid].mean()
             total = (1 - cfg.beta) * unlearn + cfg.beta * retain_loss + cfg.beta * cfg.gamma * coherence_loss
         else:
-            retain_loss = sum(relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid)
-                              for layer in self.layers) / len(self.layers)
+            retain_loss = sum(
+                relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid) for layer in self.layers
+            ) / len(self.layers)
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
             total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
-        terms = {"unlearn": float(unlearn.detach()), "retain": float(retain_loss.detach()),
-                 "coherence": float(coherence_loss.detach())}
+        terms = {
+            "unlearn": float(unlearn.detach()),
+            "retain": float(retain_loss.detach()),
+            "coherence": float(coherence_loss.detach()),
+        }
         if not math.isfinite(float(total)):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")

@@ -56,13 +56,20 @@ class Intervention:
     edits: list[LayerEdit] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": INTERVENTION_VERSION, "method": self.method, "model": self.model, "sae": self.sae,
-                "edits": [asdict(e) for e in self.edits]}
+        return {
+            "version": INTERVENTION_VERSION,
+            "method": self.method,
+            "model": self.model,
+            "sae": self.sae,
+            "edits": [asdict(e) for e in self.edits],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "intervention.json") -> Intervention:
         if data.get("version") != INTERVENTION_VERSION:
-            raise UserError(f"{where}: version {data.get('version')} is not supported (expected {INTERVENTION_VERSION})")
+            raise UserError(
+                f"{where}: version {data.get('version')} is not supported (expected {INTERVENTION_VERSION})"
+            )
         try:
             return cls(data["method"], data["model"], data["sae"], [LayerEdit(**e) for e in data["edits"]])
         except (KeyError, TypeError) as e:
@@ -86,7 +93,8 @@ def edited_latents(z: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
 
 def _linear_decoder(sae: Any) -> bool:
     return getattr(sae.cfg, "normalize_activations", "none") == "none" and not getattr(
-        sae.cfg, "rescale_acts_by_decoder_norm", False)
+        sae.cfg, "rescale_acts_by_decoder_norm", False
+    )
 
 
 def make_edit_fn(loaded_sae: LoadedSAE, edit: LayerEdit, skip_ids: Sequence[int] = ()) -> Any:
@@ -124,20 +132,29 @@ def make_edit_fn(loaded_sae: LoadedSAE, edit: LayerEdit, skip_ids: Sequence[int]
 
 
 @contextlib.contextmanager
-def install(model: Any, saes: Sequence[LoadedSAE], intervention: Intervention, skip_ids: Sequence[int] = ()) -> Iterator[None]:
+def install(
+    model: Any, saes: Sequence[LoadedSAE], intervention: Intervention, skip_ids: Sequence[int] = ()
+) -> Iterator[None]:
     """Install the intervention as forward hooks; they are removed on exit (the model is bit-identical again)."""
     by_layer = {s.layer: s for s in saes}
     fns = {}
     for edit in intervention.edits:
         if edit.layer not in by_layer:
-            raise UserError(f"the intervention edits layer {edit.layer} but no SAE for that layer was loaded",
-                            f"load the SAEs it was made with ({intervention.sae})")
+            raise UserError(
+                f"the intervention edits layer {edit.layer} but no SAE for that layer was loaded",
+                f"load the SAEs it was made with ({intervention.sae})",
+            )
         width = by_layer[edit.layer].d_sae
-        bad = [i for i in [*edit.features, *([edit.refusal_feature] if edit.refusal_feature is not None else [])]
-               if not 0 <= i < width]
+        bad = [
+            i
+            for i in [*edit.features, *([edit.refusal_feature] if edit.refusal_feature is not None else [])]
+            if not 0 <= i < width
+        ]
         if bad:
-            raise UserError(f"feature {bad[0]} is outside the layer-{edit.layer} SAE's width {width}",
-                            "the intervention was made with other SAEs")
+            raise UserError(
+                f"feature {bad[0]} is outside the layer-{edit.layer} SAE's width {width}",
+                "the intervention was made with other SAEs",
+            )
         fns[edit.layer] = make_edit_fn(by_layer[edit.layer], edit, skip_ids)
     with edit_resid_post(model, fns):
         yield

@@ -63,7 +63,7 @@ def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None) -> 
 def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers)."""
     a, b = a.float()[valid], b.float()[valid]
-    return ((a - b) ** 2).sum(-1).mean() / (b ** 2).sum(-1).mean().clamp_min(1e-6)
+    return ((a - b) ** 2).sum(-1).mean() / (b**2).sum(-1).mean().clamp_min(1e-6)
 
 
 def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
@@ -86,7 +86,7 @@ def continuation_nll(model: Any, tokenizer: Any, prompts: Sequence[str], continu
         if c_ids.shape[1] == 0:
             continue
         ids = torch.cat([p_ids, c_ids], dim=1)
-        logits = model(input_ids=ids).logits[0, p_ids.shape[1] - 1:-1].float()
+        logits = model(input_ids=ids).logits[0, p_ids.shape[1] - 1 : -1].float()
         total += float(torch.nn.functional.cross_entropy(logits, c_ids[0], reduction="sum"))
         count += c_ids.shape[1]
     return total / max(1, count)
@@ -109,13 +109,26 @@ class FluencyCheck:
         with peft_model.disable_adapter():
             nll = continuation_nll(peft_model, self.tokenizer, self.prompts, texts)
         peft_model.train(was_training)
-        log.info("fluency check: %s", " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)))
+        log.info(
+            "fluency check: %s",
+            " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)),
+        )
         return float(torch.exp(torch.tensor(nll - self.base_nll)))
 
 
 class AdapterTrainer:
-    def __init__(self, ctx: MethodContext, lora_layers: list[int], target_modules: list[str], r: int, alpha: int,
-                 dropout: float, lr: float, seed: int, amsgrad: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: MethodContext,
+        lora_layers: list[int],
+        target_modules: list[str],
+        r: int,
+        alpha: int,
+        dropout: float,
+        lr: float,
+        seed: int,
+        amsgrad: bool = False,
+    ) -> None:
         from peft import LoraConfig, get_peft_model
 
         self.ctx = ctx
@@ -123,14 +136,23 @@ class AdapterTrainer:
         names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
         targets = [t for t in target_modules if t in names]
         if not targets:
-            raise UserError(f"none of the LoRA target modules {target_modules} exist in this model",
-                            f"choose among its linear layers, e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}")
+            raise UserError(
+                f"none of the LoRA target modules {target_modules} exist in this model",
+                f"choose among its linear layers, e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}",
+            )
         n_layers = ctx.loaded.n_layers
         if any(not 0 <= layer < n_layers for layer in lora_layers):
             raise UserError(f"LoRA layers {lora_layers} are outside the model's blocks 0..{n_layers - 1}")
         torch.manual_seed(seed)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                            layers_to_transform=lora_layers, bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            layers_to_transform=lora_layers,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(base, config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, amsgrad=amsgrad)
@@ -164,32 +186,35 @@ class AdapterTrainer:
         if not (self.ckpt / "state.json").exists():
             raise UserError(f"no checkpoint to resume in {self.ctx.out}", "run without --resume")
         tensors = load_file(str(self.ckpt / "state.safetensors"))
-        self._load_adapter_tensors({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        self._load_adapter_tensors({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
         for i, p in enumerate(self.params):
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 self.opt.state[p] = state
         torch.set_rng_state(tensors["rng"])
         self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
-        fluent = {k[len("fluent."):]: v for k, v in tensors.items() if k.startswith("fluent.")}
+        fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
         return fluent or None
 
     # -- the loop ----------------------------------------------------------------------------------
-    def train(self, loss_fn: LossFn, steps: int, checkpoint_every: int, fluency_every: int = 0,
-              max_fluency_ratio: float = 2.0) -> dict[str, Any]:
+    def train(
+        self, loss_fn: LossFn, steps: int, checkpoint_every: int, fluency_every: int = 0, max_fluency_ratio: float = 2.0
+    ) -> dict[str, Any]:
         ctx = self.ctx
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         fluent = self.load_checkpoint() if ctx.resume else None
-        check = (FluencyCheck(self.model, ctx.loaded.tokenizer, forget_prompts(ctx)) if fluency_every else None)
+        check = FluencyCheck(self.model, ctx.loaded.tokenizer, forget_prompts(ctx)) if fluency_every else None
         try:
             while self.state.step < steps and not self.state.stopped_early:
                 self.model.train()
                 try:
                     total, terms = loss_fn(self.model, self.state.step)
                 except FloatingPointError as e:
-                    raise UserError(f"training stopped at step {self.state.step}: {e}",
-                                    "the last good checkpoint is kept; lower --lr or resume with --resume") from e
+                    raise UserError(
+                        f"training stopped at step {self.state.step}: {e}",
+                        "the last good checkpoint is kept; lower --lr or resume with --resume",
+                    ) from e
                 self.opt.zero_grad(set_to_none=True)
                 total.backward()
                 self.opt.step()
@@ -199,14 +224,22 @@ class AdapterTrainer:
                     ratio = check.ratio(self.model)
                     record["fluency_ratio"] = ratio
                     if ratio > max_fluency_ratio:
-                        log.warning("fluency ratio %.2f > %.2f at step %d: keeping the adapter of step %d",
-                                    ratio, max_fluency_ratio, self.state.step, self.state.last_fluent_step)
+                        log.warning(
+                            "fluency ratio %.2f > %.2f at step %d: keeping the adapter of step %d",
+                            ratio,
+                            max_fluency_ratio,
+                            self.state.step,
+                            self.state.last_fluent_step,
+                        )
                         if fluent is not None:
                             self._load_adapter_tensors(fluent)
                         self.state.stopped_early = True
                     else:
                         fluent, self.state.last_fluent_step, self.state.fluency_ratio = (
-                            self._adapter_tensors(), self.state.step, ratio)
+                            self._adapter_tensors(),
+                            self.state.step,
+                            ratio,
+                        )
                 train_log.write(record)
                 if ctx.progress is not None:
                     ctx.progress(self.state.step, steps, terms)
@@ -216,6 +249,10 @@ class AdapterTrainer:
                 self.model.save_pretrained(str(tmp))
         finally:
             ctx.loaded.model = self.model.unload()  # the base model, LoRA layers removed, unchanged
-        return {"steps_done": self.state.step, "stopped_early": self.state.stopped_early,
-                "last_fluent_step": self.state.last_fluent_step, "fluency_ratio": self.state.fluency_ratio,
-                "lora_target_modules": self.targets}
+        return {
+            "steps_done": self.state.step,
+            "stopped_early": self.state.stopped_early,
+            "last_fluent_step": self.state.last_fluent_step,
+            "fluency_ratio": self.state.fluency_ratio,
+            "lora_target_modules": self.targets,
+        }

@@ -56,8 +56,10 @@ class RmuMethod(Method):
         layer = cfg.layer if cfg.layer is not None else max(1, round(7 / 32 * n))
         update = cfg.update_layers if cfg.update_layers is not None else list(range(max(0, layer - 2), layer + 1))
         if not 0 <= layer < n or any(not 0 <= u <= layer for u in update):
-            raise UserError(f"RMU layer {layer} / update layers {update} do not fit blocks 0..{n - 1}",
-                            "update layers must be at or below the steered layer")
+            raise UserError(
+                f"RMU layer {layer} / update layers {update} do not fit blocks 0..{n - 1}",
+                "update layers must be at or below the steered layer",
+            )
         blocks = decoder_blocks(loaded.model)
         params: dict[str, torch.nn.Parameter] = {}
         for u in update:
@@ -122,5 +124,4 @@ class RmuMethod(Method):
                     p.copy_(originals[k])
                     p.requires_grad_(False)
                     p.grad = None
-        return {"artifact": "rmu_weights.safetensors", "layer": layer, "update_layers": update,
-                "steering_coeff": coeff}
+        return {"artifact": "rmu_weights.safetensors", "layer": layer, "update_layers": update, "steering_coeff": coeff}

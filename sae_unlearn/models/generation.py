@@ -14,8 +14,16 @@ import torch
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int = 40, seed: int = 0, stop_at_eos: bool = True) -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 40,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[str]:
     """Continue each prompt; greedy when temperature == 0. Returns only the continuations."""
     if not prompts:
         return []
@@ -30,8 +38,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     out: list[torch.Tensor] = []
     step_ids = ids
     for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
+        res = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
         cache = res.past_key_values
         logits = res.logits[:, -1].float()
         if temperature > 0:

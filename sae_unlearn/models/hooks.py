@@ -19,8 +19,14 @@ from sae_unlearn.errors import UserError
 
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 # Where the list of decoder blocks lives, by architecture family (PEFT wrappers are unwrapped first).
-BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-               "model.decoder.layers", "transformer.blocks")
+BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+)
 
 EditFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -32,7 +38,9 @@ def hook_name(layer: int) -> str:
 def parse_hook_name(name: str) -> int:
     match = HOOK_RE.match(name)
     if match is None:
-        raise UserError(f"unsupported hook point {name!r}", "only residual-stream SAEs on blocks.L.hook_resid_post are supported")
+        raise UserError(
+            f"unsupported hook point {name!r}", "only residual-stream SAEs on blocks.L.hook_resid_post are supported"
+        )
     return int(match.group(1))
 
 
@@ -58,8 +66,10 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
         blocks = _get_path(inner, path)
         if isinstance(blocks, nn.ModuleList):
             return blocks
-    raise UserError(f"cannot find the decoder blocks of {type(inner).__name__}",
-                    "supported layouts: Llama/Gemma/Qwen/Mistral (model.layers), GPT-2 (transformer.h), GPT-NeoX")
+    raise UserError(
+        f"cannot find the decoder blocks of {type(inner).__name__}",
+        "supported layouts: Llama/Gemma/Qwen/Mistral (model.layers), GPT-2 (transformer.h), GPT-NeoX",
+    )
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
@@ -76,7 +86,9 @@ def check_layers(model: nn.Module, layers: Sequence[int]) -> None:
     n = len(decoder_blocks(model))
     bad = [layer for layer in layers if not 0 <= layer < n]
     if bad:
-        raise UserError(f"layer {bad[0]} is out of range: the model has blocks 0..{n - 1}", "choose layers in that range")
+        raise UserError(
+            f"layer {bad[0]} is out of range: the model has blocks 0..{n - 1}", "choose layers in that range"
+        )
 
 
 def _block_output(output: Any) -> torch.Tensor:
@@ -91,8 +103,13 @@ class _StopForward(Exception):
     pass
 
 
-def capture_resid_post(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       layers: Sequence[int], stop_early: bool = True) -> dict[int, torch.Tensor]:
+def capture_resid_post(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: Sequence[int],
+    stop_early: bool = True,
+) -> dict[int, torch.Tensor]:
     """Run the body once and return {layer: resid_post of that block}; stops after the deepest layer.
 
     Gradients flow if the caller enables them (used by CRISP's losses).
@@ -151,8 +168,9 @@ def edit_resid_post(model: nn.Module, edits: dict[int, EditFn]) -> Iterator[None
             handle.remove()
 
 
-def valid_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     special_ids: Sequence[int]) -> torch.Tensor:
+def valid_token_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, special_ids: Sequence[int]
+) -> torch.Tensor:
     """True on tokens that count in statistics and losses: not padding, not BOS (or other specials)."""
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if special_ids:

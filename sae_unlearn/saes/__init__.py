@@ -16,8 +16,18 @@ from sae_unlearn.saes.training import SAETrainer, SAETrainingConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedSAE", "SAEQuality", "SAETrainer", "SAETrainingConfig", "check_compatible", "evaluate_saes",
-           "load_saes", "load_saes_for", "shipped_dir_for", "train_saes"]
+__all__ = [
+    "LoadedSAE",
+    "SAEQuality",
+    "SAETrainer",
+    "SAETrainingConfig",
+    "check_compatible",
+    "evaluate_saes",
+    "load_saes",
+    "load_saes_for",
+    "shipped_dir_for",
+    "train_saes",
+]
 
 
 def load_saes_for(loaded: LoadedModel, spec: str = "shipped") -> list[LoadedSAE]:
@@ -27,9 +37,15 @@ def load_saes_for(loaded: LoadedModel, spec: str = "shipped") -> list[LoadedSAE]
     return saes
 
 
-def train_saes(loaded: LoadedModel, cfg: SAETrainingConfig, texts: Sequence[str], out: Path,
-               heldout: Sequence[str] | None = None, resume: bool = False,
-               progress: Callable[[int, int, dict[str, float]], None] | None = None) -> list[SAEQuality]:
+def train_saes(
+    loaded: LoadedModel,
+    cfg: SAETrainingConfig,
+    texts: Sequence[str],
+    out: Path,
+    heldout: Sequence[str] | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> list[SAEQuality]:
     """Train one TopK SAE per layer, export them in SAELens format under `out`, and measure them."""
     check_layers(loaded.model, cfg.layers)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +53,7 @@ def train_saes(loaded: LoadedModel, cfg: SAETrainingConfig, texts: Sequence[str]
     trainer.train(resume=resume, progress=progress)
     trainer.export(out)
     saes = load_saes(str(out), model_spec=loaded.spec, device=str(loaded.device))
-    eval_texts = list(heldout) if heldout else list(texts)[-max(1, len(texts) // 20):]
+    eval_texts = list(heldout) if heldout else list(texts)[-max(1, len(texts) // 20) :]
     if not heldout:
         log.warning("no held-out text given: quality is measured on the last 5%% of the training corpus")
     quality = evaluate_saes(loaded, saes, eval_texts, max_tokens=cfg.eval_tokens)

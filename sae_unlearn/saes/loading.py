@@ -49,9 +49,11 @@ class LoadedSAE:
 
 def shipped_dir_for(model_spec: str) -> Path:
     if model_spec not in SHIPPED:
-        raise UserError(f"no SAEs are shipped for model {model_spec!r}",
-                        "pass --sae with a SAELens release (RELEASE:SAE_ID) or a local SAE directory, "
-                        "or train some with sae-unlearn train-sae")
+        raise UserError(
+            f"no SAEs are shipped for model {model_spec!r}",
+            "pass --sae with a SAELens release (RELEASE:SAE_ID) or a local SAE directory, "
+            "or train some with sae-unlearn train-sae",
+        )
     path = SHIPPED[model_spec]
     if not path.exists():
         raise UserError(f"the shipped SAEs are missing from {path}", "reinstall sae-unlearn")
@@ -63,8 +65,10 @@ def _sae_dirs(path: Path) -> list[Path]:
         return [path]
     subdirs = sorted((p for p in path.iterdir() if (p / "cfg.json").exists()), key=lambda p: p.name)
     if not subdirs:
-        raise UserError(f"{path} holds no SAE (no cfg.json in it or its subdirectories)",
-                        "point --sae at a SAELens-format directory (cfg.json + sae_weights.safetensors)")
+        raise UserError(
+            f"{path} holds no SAE (no cfg.json in it or its subdirectories)",
+            "point --sae at a SAELens-format directory (cfg.json + sae_weights.safetensors)",
+        )
     return subdirs
 
 
@@ -76,8 +80,10 @@ def _load_disk(path: Path, device: str) -> Any:
     try:
         return SAE.load_from_disk(str(path), device=device)
     except Exception as e:
-        raise UserError(f"cannot load the SAE in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                        "the files are corrupt or not in SAELens format") from e
+        raise UserError(
+            f"cannot load the SAE in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+            "the files are corrupt or not in SAELens format",
+        ) from e
 
 
 def _load_release(release: str, sae_id: str, device: str) -> Any:
@@ -91,7 +97,8 @@ def _load_release(release: str, sae_id: str, device: str) -> Any:
             f"cannot load SAE {release}:{sae_id} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
             + (" with HF_HUB_OFFLINE=1" if offline else ""),
             "check the release and id in SAELens' pretrained_saes.yaml; offline, download it once into the HF cache "
-            "and set HF_HUB_OFFLINE=1, or use a local directory") from e
+            "and set HF_HUB_OFFLINE=1, or use a local directory",
+        ) from e
 
 
 def load_saes(spec: str, model_spec: str = "embedded", device: str = "cpu") -> list[LoadedSAE]:
@@ -106,13 +113,16 @@ def load_saes(spec: str, model_spec: str = "embedded", device: str = "cpu") -> l
             release, sae_id = part.split(":", 1)
             saes = [(_load_release(release, sae_id, device), part)]
         else:
-            raise UserError(f"unknown SAE spec {part!r}",
-                            "use shipped, a local SAE directory, or RELEASE:SAE_ID from SAELens")
+            raise UserError(
+                f"unknown SAE spec {part!r}", "use shipped, a local SAE directory, or RELEASE:SAE_ID from SAELens"
+            )
         for sae, name in saes:
             hook = sae.cfg.metadata.hook_name
             if hook is None:
-                raise UserError(f"SAE {name} does not say which hook it reads (cfg.json metadata.hook_name)",
-                                "add metadata.hook_name, e.g. blocks.6.hook_resid_post")
+                raise UserError(
+                    f"SAE {name} does not say which hook it reads (cfg.json metadata.hook_name)",
+                    "add metadata.hook_name, e.g. blocks.6.hook_resid_post",
+                )
             sae.requires_grad_(False)
             loaded.append(LoadedSAE(sae, parse_hook_name(hook), name))
     if not loaded:
@@ -128,11 +138,15 @@ def check_compatible(saes: list[LoadedSAE], n_layers: int, d_model: int) -> None
     for s in saes:
         d_in = int(s.sae.cfg.d_in)
         if d_in != d_model:
-            raise UserError(f"SAE {s.spec} reads vectors of size {d_in} but the model's hidden size is {d_model}",
-                            "use SAEs trained on this model")
+            raise UserError(
+                f"SAE {s.spec} reads vectors of size {d_in} but the model's hidden size is {d_model}",
+                "use SAEs trained on this model",
+            )
         if not 0 <= s.layer < n_layers:
-            raise UserError(f"SAE {s.spec} reads {s.hook_name} but the model has blocks 0..{n_layers - 1}",
-                            "use SAEs trained on this model")
+            raise UserError(
+                f"SAE {s.spec} reads {s.hook_name} but the model has blocks 0..{n_layers - 1}",
+                "use SAEs trained on this model",
+            )
 
 
 def sae_dtype(saes: list[LoadedSAE]) -> torch.dtype:

@@ -51,14 +51,35 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[fl
 
 
 @torch.no_grad()
-def evaluate_saes(loaded: LoadedModel, saes: Sequence[LoadedSAE], texts: Sequence[str], max_tokens: int = 16384,
-                  ce_tokens: int = 4096, context_size: int = 128, batch: int = 8) -> list[SAEQuality]:
+def evaluate_saes(
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    texts: Sequence[str],
+    max_tokens: int = 16384,
+    ce_tokens: int = 4096,
+    context_size: int = 128,
+    batch: int = 8,
+) -> list[SAEQuality]:
     layers = [s.layer for s in saes]
     specials = special_token_ids(loaded.tokenizer)
-    acc: dict[int, dict[str, Any]] = {s.layer: {"n": 0, "n_all": 0, "sse": 0.0, "sse_all": 0.0, "sx": 0.0, "sxx": 0.0,
-                                                "sx_all": 0.0, "sxx_all": 0.0, "xs": [], "err": [], "l0": 0.0,
-                                                "fired": torch.zeros(s.d_sae, dtype=torch.bool), "ce": [0.0, 0.0, 0]}
-                                      for s in saes}
+    acc: dict[int, dict[str, Any]] = {
+        s.layer: {
+            "n": 0,
+            "n_all": 0,
+            "sse": 0.0,
+            "sse_all": 0.0,
+            "sx": 0.0,
+            "sxx": 0.0,
+            "sx_all": 0.0,
+            "sxx_all": 0.0,
+            "xs": [],
+            "err": [],
+            "l0": 0.0,
+            "fired": torch.zeros(s.d_sae, dtype=torch.bool),
+            "ce": [0.0, 0.0, 0],
+        }
+        for s in saes
+    }
     seen = 0
     for ids in _batched(pack_sequences(texts, loaded.tokenizer, context_size, 1234), batch):
         ids = ids.to(loaded.device)
@@ -73,12 +94,12 @@ def evaluate_saes(loaded: LoadedModel, saes: Sequence[LoadedSAE], texts: Sequenc
             err = (x - x_hat) ** 2
             a["sse_all"] += float(err.sum())
             a["sx_all"] = a["sx_all"] + x.sum(0)
-            a["sxx_all"] += float((x ** 2).sum())
+            a["sxx_all"] += float((x**2).sum())
             a["n_all"] += x.shape[0]
             xk = x[keep]
             a["sse"] += float(err[keep].sum())
             a["sx"] = a["sx"] + xk.sum(0)
-            a["sxx"] += float((xk ** 2).sum())
+            a["sxx"] += float((xk**2).sum())
             a["n"] += xk.shape[0]
             a["xs"].append(xk)
             a["err"].append(err[keep])
@@ -88,7 +109,10 @@ def evaluate_saes(loaded: LoadedModel, saes: Sequence[LoadedSAE], texts: Sequenc
             clean = loaded.model(input_ids=ids).logits
             total, count = _ce(clean, ids, mask)
             for s in saes:
-                def splice(hidden: torch.Tensor, _ids: Any, s: LoadedSAE = s) -> torch.Tensor:
+
+                def splice(
+                    hidden: torch.Tensor, _ids: Any, s: LoadedSAE = s, mask: torch.Tensor = mask
+                ) -> torch.Tensor:
                     recon = s.sae.decode(s.sae.encode(hidden.to(s.sae.W_enc.dtype))).to(hidden.dtype)
                     return torch.where(mask.unsqueeze(-1), recon, hidden)
 
@@ -109,9 +133,19 @@ def evaluate_saes(loaded: LoadedModel, saes: Sequence[LoadedSAE], texts: Sequenc
         var = xs.var(0).clamp_min(1e-8)
         fve_scaled = 1 - float((errs / var).sum()) / float((((xs - xs.mean(0)) ** 2) / var).sum())
         ce_clean, ce_spliced, n_ce = a["ce"]
-        results.append(SAEQuality(
-            layer=s.layer, d_sae=s.d_sae, tokens=a["n_all"], fve=1 - a["sse"] / sst, fve_scaled=fve_scaled,
-            fve_all_tokens=1 - a["sse_all"] / sst_all, outlier_share=1 - a["n"] / max(1, a["n_all"]),
-            l0=a["l0"] / max(1, a["n"]), dead_fraction=1 - float(a["fired"].float().mean()),
-            ce_clean=ce_clean / max(1, n_ce), ce_spliced=ce_spliced / max(1, n_ce)))
+        results.append(
+            SAEQuality(
+                layer=s.layer,
+                d_sae=s.d_sae,
+                tokens=a["n_all"],
+                fve=1 - a["sse"] / sst,
+                fve_scaled=fve_scaled,
+                fve_all_tokens=1 - a["sse_all"] / sst_all,
+                outlier_share=1 - a["n"] / max(1, a["n_all"]),
+                l0=a["l0"] / max(1, a["n"]),
+                dead_fraction=1 - float(a["fired"].float().mean()),
+                ce_clean=ce_clean / max(1, n_ce),
+                ce_spliced=ce_spliced / max(1, n_ce),
+            )
+        )
     return results

@@ -142,8 +142,13 @@ def estimate_norm_stats(batches: Iterator[dict[int, torch.Tensor]], cfg: SAETrai
             scale = torch.full_like(mean, float((keep - mean).norm(dim=-1).mean() / math.sqrt(x.shape[1])))
         stats[layer] = NormStats(mean, scale, max_norm)
         top = (keep.var(0) / keep.var(0).sum()).topk(3).values.tolist()
-        log.info("layer %d: median norm %.0f, outliers %.2f%%, variance share of top-3 dims %s", layer,
-                 float(norms.median()), 100 * float((norms > max_norm).float().mean()), [round(v, 3) for v in top])
+        log.info(
+            "layer %d: median norm %.0f, outliers %.2f%%, variance share of top-3 dims %s",
+            layer,
+            float(norms.median()),
+            100 * float((norms > max_norm).float().mean()),
+            [round(v, 3) for v in top],
+        )
     return stats
 
 
@@ -151,8 +156,13 @@ def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) 
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_model, d_sae=d_model * cfg.expansion, k=cfg.k, dtype="float32", device="cpu",
-        aux_loss_coefficient=cfg.aux_loss_coefficient, apply_b_dec_to_input=True,
+        d_in=d_model,
+        d_sae=d_model * cfg.expansion,
+        k=cfg.k,
+        dtype="float32",
+        device="cpu",
+        aux_loss_coefficient=cfg.aux_loss_coefficient,
+        apply_b_dec_to_input=True,
         normalize_activations="none",
     )
     sae_cfg.metadata.hook_name = hook_name(layer)
@@ -165,20 +175,24 @@ def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) 
 class SAETrainer:
     """Trains one TopK SAE per layer from a single forward pass per batch."""
 
-    def __init__(self, loaded: LoadedModel, cfg: SAETrainingConfig, texts: Sequence[str], out: Path,
-                 model_spec: str) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cfg: SAETrainingConfig, texts: Sequence[str], out: Path, model_spec: str
+    ) -> None:
         if not texts:
             raise UserError("the training corpus is empty", "pass --corpus files with text in them")
         self.loaded, self.cfg, self.texts, self.out, self.model_spec = loaded, cfg, list(texts), out, model_spec
         torch.manual_seed(cfg.seed)
         self.seq_per_epoch = count_sequences(self.texts, loaded.tokenizer, cfg.context_size)
         if self.seq_per_epoch < cfg.model_batch:
-            raise UserError(f"the corpus makes only {self.seq_per_epoch} sequences of {cfg.context_size} tokens",
-                            "give more text or a smaller --batch")
+            raise UserError(
+                f"the corpus makes only {self.seq_per_epoch} sequences of {cfg.context_size} tokens",
+                "give more text or a smaller --batch",
+            )
         self.total_sequences = int(self.seq_per_epoch * cfg.epochs)
         self.saes = {layer: _new_sae(cfg, loaded.d_model, layer, model_spec) for layer in cfg.layers}
-        self.optimizers = {layer: torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-                           for layer, s in self.saes.items()}
+        self.optimizers = {
+            layer: torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for layer, s in self.saes.items()
+        }
         d_sae = loaded.d_model * cfg.expansion
         self.since_fired = {layer: torch.zeros(d_sae) for layer in cfg.layers}
         self.state = TrainingState()
@@ -235,12 +249,12 @@ class SAETrainer:
         perm = torch.randperm(n, generator=gen)
         bs = self.cfg.sae_batch_tokens
         n_out = n // bs
-        rest = perm[n_out * bs:]
+        rest = perm[n_out * bs :]
         self.leftover = {layer: x[rest] for layer, x in joined.items()}
         for layer in buffer:
             buffer[layer] = [self.leftover[layer]]
         for b in range(n_out):
-            idx = perm[b * bs:(b + 1) * bs]
+            idx = perm[b * bs : (b + 1) * bs]
             yield {layer: x[idx] for layer, x in joined.items()}
 
     def _boundary(self) -> None:
@@ -267,8 +281,13 @@ class SAETrainer:
             sae, opt = self.saes[layer], self.optimizers[layer]
             for group in opt.param_groups:
                 group["lr"] = lr
-            step_input = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=self.since_fired[layer] > dead_after,
-                                        n_training_steps=self.state.step, is_logging_step=False)
+            step_input = TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=self.since_fired[layer] > dead_after,
+                n_training_steps=self.state.step,
+                is_logging_step=False,
+            )
             out = sae.training_forward_pass(step_input)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -299,8 +318,11 @@ class SAETrainer:
             tensors[f"L{layer}.norm.scale"] = self.stats[layer].scale
             if layer in self.leftover:
                 tensors[f"L{layer}.leftover"] = self.leftover[layer].contiguous()
-        meta = {"state": asdict(self.state), "config": asdict(self.cfg),
-                "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()}}
+        meta = {
+            "state": asdict(self.state),
+            "config": asdict(self.cfg),
+            "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()},
+        }
         ckpt = self.out / "checkpoint"
         with atomic_dir(ckpt, overwrite=True) as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -316,8 +338,10 @@ class SAETrainer:
         now_cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("checkpoint_every", "eval_tokens")}
         if saved_cfg != now_cfg:
             diff = [k for k in now_cfg if now_cfg[k] != saved_cfg.get(k)]
-            raise UserError(f"the checkpoint in {self.out} was made with other settings ({', '.join(diff)})",
-                            "resume with the same options, or start a new --out")
+            raise UserError(
+                f"the checkpoint in {self.out} was made with other settings ({', '.join(diff)})",
+                "resume with the same options, or start a new --out",
+            )
         tensors = load_file(str(ckpt / "state.safetensors"))
         for layer in self.cfg.layers:
             sae = self.saes[layer]
@@ -326,12 +350,13 @@ class SAETrainer:
             params = dict(sae.named_parameters())
             for pname, param in params.items():
                 prefix = f"L{layer}.adam.{pname}."
-                state = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+                state = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
                 if state:
                     opt.state[param] = state
             self.since_fired[layer] = tensors[f"L{layer}.since_fired"]
-            self.stats[layer] = NormStats(tensors[f"L{layer}.norm.mean"], tensors[f"L{layer}.norm.scale"],
-                                          float(meta["max_norm"][str(layer)]))
+            self.stats[layer] = NormStats(
+                tensors[f"L{layer}.norm.mean"], tensors[f"L{layer}.norm.scale"], float(meta["max_norm"][str(layer)])
+            )
             if f"L{layer}.leftover" in tensors:
                 self.leftover[layer] = tensors[f"L{layer}.leftover"]
         self.state = TrainingState(**meta["state"])
@@ -367,8 +392,14 @@ class SAETrainer:
         stats = self.stats[layer]
         sae.fold_activation_whitening(stats.mean, torch.diag(1 / stats.scale), torch.diag(stats.scale))
         cfg = sae.cfg.get_inference_sae_cfg_dict()
-        cfg["metadata"] = {**cfg.get("metadata", {}), "normalization": {
-            "kind": self.cfg.normalize, "folded_into_weights": True, "outlier_max_norm": stats.max_norm}}
+        cfg["metadata"] = {
+            **cfg.get("metadata", {}),
+            "normalization": {
+                "kind": self.cfg.normalize,
+                "folded_into_weights": True,
+                "outlier_max_norm": stats.max_norm,
+            },
+        }
         inference = SAE.from_dict(cfg)
         state = sae.state_dict()
         sae.process_state_dict_for_saving_inference(state)

@@ -23,20 +23,23 @@ def _one_line_error(result, text: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
 
 
-@pytest.mark.parametrize(("args", "text"), [
-    (["unlearn", "--method", "forget", "--out", "X"], "unknown method 'forget'"),
-    (["unlearn", "--method", "clamp", "--scale", "-3", "--out", "X"], "does not apply to method clamp"),
-    (["unlearn", "--method", "crisp", "--set", "objective=magic", "--out", "X"], "unknown CRISP objective"),
-    (["features", "--concept", "no-such-pack", "--out", "X"], "unknown concept pack"),
-    (["features", "--strategy", "magic", "--out", "X"], "unknown selection strategy"),
-    (["train-sae", "--corpus", "missing.txt", "--out", "X"], "corpus not found"),
-    (["train-sae", "--corpus", "c.txt", "--layers", "a,b", "--out", "X"], "not a comma-separated list"),
-    (["doctor", "--model", "nonsense"], "unknown model 'nonsense'"),
-    (["eval", "--out", "r.json"], "nothing to evaluate on"),
-    (["eval", "--concept", "harry-potter", "--run", "no-run-dir", "--out", "r.json"], "run directory not found"),
-    (["concept", "validate", "no-such-pack"], "unknown concept pack"),
-    (["compare", "--methods", "crisp,forget", "--out", "X"], "unknown method 'forget'"),
-])
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["unlearn", "--method", "forget", "--out", "X"], "unknown method 'forget'"),
+        (["unlearn", "--method", "clamp", "--scale", "-3", "--out", "X"], "does not apply to method clamp"),
+        (["unlearn", "--method", "crisp", "--set", "objective=magic", "--out", "X"], "unknown CRISP objective"),
+        (["features", "--concept", "no-such-pack", "--out", "X"], "unknown concept pack"),
+        (["features", "--strategy", "magic", "--out", "X"], "unknown selection strategy"),
+        (["train-sae", "--corpus", "missing.txt", "--out", "X"], "corpus not found"),
+        (["train-sae", "--corpus", "c.txt", "--layers", "a,b", "--out", "X"], "not a comma-separated list"),
+        (["doctor", "--model", "nonsense"], "unknown model 'nonsense'"),
+        (["eval", "--out", "r.json"], "nothing to evaluate on"),
+        (["eval", "--concept", "harry-potter", "--run", "no-run-dir", "--out", "r.json"], "run directory not found"),
+        (["concept", "validate", "no-such-pack"], "unknown concept pack"),
+        (["compare", "--methods", "crisp,forget", "--out", "X"], "unknown method 'forget'"),
+    ],
+)
 def test_bad_input_is_one_line(args: list[str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     _one_line_error(run(*args), text)

@@ -32,13 +32,16 @@ def test_builtin_pack_meets_the_sizes() -> None:
     assert not set(pack.retain_split("heldout")) & set(pack.retain_split("train"))
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ({**GOOD, "distractors": ["A", "C", "D"]}, "contains the answer"),
-    ({k: v for k, v in GOOD.items() if k != "prompt"}, "field 'prompt' is missing"),
-    ({**GOOD, "ring": "close"}, "field 'ring' is 'close'"),
-    ({**GOOD, "distractors": "B"}, "field 'distractors' must be a list"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**GOOD, "distractors": ["A", "C", "D"]}, "contains the answer"),
+        ({k: v for k, v in GOOD.items() if k != "prompt"}, "field 'prompt' is missing"),
+        ({**GOOD, "ring": "close"}, "field 'ring' is 'close'"),
+        ({**GOOD, "distractors": "B"}, "field 'distractors' must be a list"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_probe_validator_names_file_line_and_field(tmp_path: Path, row, message: str) -> None:
     path = _probe_file(tmp_path, [GOOD | {"id": "q0"}, row])
     with pytest.raises(UserError, match=message) as e:

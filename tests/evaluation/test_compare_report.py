@@ -10,31 +10,62 @@ import pytest
 from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report
 
 EVIL = "<b>& it"
-GOALS = {"target_within_chance_points": 10, "far_drop_max_points": 2, "near_drop_max_points": 8,
-         "retain_ppl_rise_max": 0.05, "forget_prompt_fluency_ratio_max": 2.0, "relearn_recovery_max": 0.5,
-         "custom_goal": 3}
+GOALS = {
+    "target_within_chance_points": 10,
+    "far_drop_max_points": 2,
+    "near_drop_max_points": 8,
+    "retain_ppl_rise_max": 0.05,
+    "forget_prompt_fluency_ratio_max": 2.0,
+    "relearn_recovery_max": 0.5,
+    "custom_goal": 3,
+}
 
 
 def _acc(acc: float | None) -> dict:
     return {"acc": acc, "ci95": [acc - 0.05, acc + 0.05] if acc is not None else [math.nan, math.nan], "n": 40}
 
 
-def _result(name: str, rings: dict[str, float], retain: float, fp_ppl: float, curve: list[float] | None,
-            text: str, reactivation: float | None) -> dict:
+def _result(
+    name: str,
+    rings: dict[str, float],
+    retain: float,
+    fp_ppl: float,
+    curve: list[float] | None,
+    text: str,
+    reactivation: float | None,
+) -> dict:
     samples = [{"prompt": "The wizard", "text": text}]
     return {
-        "version": 1, "name": name, "method": name, "model": "m",
-        "probes": {"rings": {r: {"logprob": _acc(a), "letter": _acc(a), "letter_all_permutations": None}
-                             for r, a in rings.items()}},
+        "version": 1,
+        "name": name,
+        "method": name,
+        "model": "m",
+        "probes": {
+            "rings": {
+                r: {"logprob": _acc(a), "letter": _acc(a), "letter_all_permutations": None} for r, a in rings.items()
+            }
+        },
         "retention": {"retain_heldout_ppl": retain, "generic_ppl": None, "forget_heldout_ppl": 30.0},
-        "fluency": {"forget_prompts": {"base_ppl": fp_ppl, "repeated_3gram_share": 0.0, "distinct_2": 0.9,
-                                       "foreign_script_share": None, "samples": samples},
-                    "coherence": {"base_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]}},
+        "fluency": {
+            "forget_prompts": {
+                "base_ppl": fp_ppl,
+                "repeated_3gram_share": 0.0,
+                "distinct_2": 0.9,
+                "foreign_script_share": None,
+                "samples": samples,
+            },
+            "coherence": {"base_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]},
+        },
         "reactivation": {"fraction": reactivation, "per_layer": {}} if reactivation is not None else None,
         "adversarial": {"templates": {}, "worst_case": _acc(0.4)} if name != "clamp" else None,
-        "relearning": None if curve is None else {"steps": 20, "lr": 3e-4, "paragraphs": 5,
-                                                  "curve": [{"step": 10 * i, "target_acc": a} for i, a in
-                                                            enumerate(curve)]},
+        "relearning": None
+        if curve is None
+        else {
+            "steps": 20,
+            "lr": 3e-4,
+            "paragraphs": 5,
+            "curve": [{"step": 10 * i, "target_acc": a} for i, a in enumerate(curve)],
+        },
         "lm_eval": {"hellaswag": {"acc_norm": 0.5}} if name == "base" else None,
         "seconds": 12.3,
     }
@@ -43,16 +74,31 @@ def _result(name: str, rings: dict[str, float], retain: float, fp_ppl: float, cu
 @pytest.fixture()
 def results() -> dict:
     methods = {
-        "base": _result("base", {"target": 0.9, "near": 0.7, "mid": 0.75, "far": 0.8}, 10.0, 20.0,
-                        [0.9, 0.9, 0.9], "Harry raised his wand", None),
-        "crisp": _result("crisp", {"target": 0.30, "near": 0.65, "mid": 0.74, "far": 0.77}, 10.4, 50.0,
-                         [0.3, 0.4, 0.45], EVIL, 0.1),
-        "clamp": _result("clamp", {"target": 0.5, "near": 0.6, "mid": 0.7, "far": 0.79}, 11.0, 25.0,
-                         None, "clamped text", 0.3),
+        "base": _result(
+            "base",
+            {"target": 0.9, "near": 0.7, "mid": 0.75, "far": 0.8},
+            10.0,
+            20.0,
+            [0.9, 0.9, 0.9],
+            "Harry raised his wand",
+            None,
+        ),
+        "crisp": _result(
+            "crisp", {"target": 0.30, "near": 0.65, "mid": 0.74, "far": 0.77}, 10.4, 50.0, [0.3, 0.4, 0.45], EVIL, 0.1
+        ),
+        "clamp": _result(
+            "clamp", {"target": 0.5, "near": 0.6, "mid": 0.7, "far": 0.79}, 11.0, 25.0, None, "clamped text", 0.3
+        ),
     }
     methods["clamp"]["fluency"]["coherence"] = None
-    return {"version": 1, "concept": "harry_potter", "model": "gemma <2b>", "created": "2025-01-01T00:00:00",
-            "goals": GOALS, "methods": methods}
+    return {
+        "version": 1,
+        "concept": "harry_potter",
+        "model": "gemma <2b>",
+        "created": "2025-01-01T00:00:00",
+        "goals": GOALS,
+        "methods": methods,
+    }
 
 
 def test_goals_hand_checked(results: dict) -> None:

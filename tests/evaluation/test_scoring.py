@@ -15,8 +15,10 @@ from sae_unlearn.evaluation.scoring import (
 )
 from sae_unlearn.evaluation.text import distinct_n, foreign_script_share, repeated_ngram_share
 
-PROBES = [Probe("a", "Where does Zorbo live?", "Quendor", ("village", "spring", "tower"), "target"),
-          Probe("b", "What does Ben grow?", "barley", ("wheat", "oats", "corn"), "far")]
+PROBES = [
+    Probe("a", "Where does Zorbo live?", "Quendor", ("village", "spring", "tower"), "target"),
+    Probe("b", "What does Ben grow?", "barley", ("wheat", "oats", "corn"), "far"),
+]
 
 
 def test_option_logprobs_match_a_full_forward(loaded) -> None:
@@ -52,8 +54,8 @@ def test_bootstrap_ci_on_known_data() -> None:
 
 
 def test_fluency_measures() -> None:
-    assert repeated_ngram_share("a b c a b c a b c".split()) == pytest.approx(1 - 3 / 7)
-    assert repeated_ngram_share("one two three four".split()) == 0.0
+    assert repeated_ngram_share(["a", "b", "c", "a", "b", "c", "a", "b", "c"]) == pytest.approx(1 - 3 / 7)
+    assert repeated_ngram_share(["one", "two", "three", "four"]) == 0.0
     assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
     assert foreign_script_share("Harry Potter is a", "boy wizard") == 0.0
     assert foreign_script_share("Harry Potter is a", "наз займе") == 1.0

@@ -11,27 +11,52 @@ from sae_unlearn.features import FeatureSelection, SelectedFeature
 from sae_unlearn.features.contexts import FeatureExamples
 from sae_unlearn.features.report import SORT_KEYS, render_report
 
-EVIL = '<script>alert("x")</script> & \'quoted\''
+EVIL = "<script>alert(\"x\")</script> & 'quoted'"
 
 
 def _feature(layer: int, index: int, score: float, relative: float) -> SelectedFeature:
-    return SelectedFeature(layer=layer, index=index, score=score, forget_count=120.0, retain_count=3.0,
-                           forget_sum=300.0, retain_sum=4.0, forget_max=9.5, retain_max=1.5, forget_rate=0.012,
-                           retain_rate=0.0003, relative=relative)
+    return SelectedFeature(
+        layer=layer,
+        index=index,
+        score=score,
+        forget_count=120.0,
+        retain_count=3.0,
+        forget_sum=300.0,
+        retain_sum=4.0,
+        forget_max=9.5,
+        retain_max=1.5,
+        forget_rate=0.012,
+        retain_rate=0.0003,
+        relative=relative,
+    )
 
 
 def _selection(neuronpedia_id: str | None = "gemma-2-2b/12-gemmascope-res-16k") -> FeatureSelection:
     features = [_feature(12, 7, 50.0, 60.0), _feature(12, 42, 80.0, 20.0), _feature(19, 3, 10.0, float("inf"))]
-    ex = FeatureExamples(top={"forget": [(9.5, EVIL, "<tok>", " right & more"), (2.0, "a\nb", " c", "")],
-                              "retain": [(1.5, "plain left", " x", " y")]},
-                         hist={"forget": [0, 5, 100, *[1] * 17], "retain": [40, *[0] * 19]}, bin_max=9.5)
+    ex = FeatureExamples(
+        top={
+            "forget": [(9.5, EVIL, "<tok>", " right & more"), (2.0, "a\nb", " c", "")],
+            "retain": [(1.5, "plain left", " x", " y")],
+        },
+        hist={"forget": [0, 5, 100, *[1] * 17], "retain": [40, *[0] * 19]},
+        bin_max=9.5,
+    )
     return FeatureSelection(
-        model="gemma-2-2b", model_source="google/gemma-2-2b",
-        saes=[{"layer": 12, "spec": "gemmascope:12", "d_sae": 16384, "neuronpedia_id": neuronpedia_id},
-              {"layer": 19, "spec": "local:<sae>", "d_sae": 16384, "neuronpedia_id": ""}],
-        concept="harry <potter>", concept_fingerprint="abc", strategy="crisp", params={"k": 2, "min_ratio": 5.0},
-        tokens={"forget": 10000, "retain": 12000}, stats_key="key", features=features,
-        examples={(12, 7): ex, (19, 3): FeatureExamples()})
+        model="gemma-2-2b",
+        model_source="google/gemma-2-2b",
+        saes=[
+            {"layer": 12, "spec": "gemmascope:12", "d_sae": 16384, "neuronpedia_id": neuronpedia_id},
+            {"layer": 19, "spec": "local:<sae>", "d_sae": 16384, "neuronpedia_id": ""},
+        ],
+        concept="harry <potter>",
+        concept_fingerprint="abc",
+        strategy="crisp",
+        params={"k": 2, "min_ratio": 5.0},
+        tokens={"forget": 10000, "retain": 12000},
+        stats_key="key",
+        features=features,
+        examples={(12, 7): ex, (19, 3): FeatureExamples()},
+    )
 
 
 class _Collector(HTMLParser):
@@ -104,8 +129,10 @@ def test_highlight_scaled_by_activation(page: str) -> None:
 
 def test_neuronpedia_link_only_with_id(page: str) -> None:
     hrefs = re.findall(r'href="([^"]*)"', page)
-    assert hrefs == ["https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/7",
-                     "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/42"]
+    assert hrefs == [
+        "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/7",
+        "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/42",
+    ]
     assert "neuronpedia.org" not in render_report(_selection(neuronpedia_id=None))
 
 

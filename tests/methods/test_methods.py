@@ -99,7 +99,7 @@ def test_ablation_target_and_relative_mse() -> None:
 def test_method_options_are_checked() -> None:
     with pytest.raises(UserError, match="unknown method 'forget'"):
         method_config("forget", {})
-    with pytest.raises(UserError, match="does not apply to method clamp.*belongs to ablate"):
+    with pytest.raises(UserError, match=r"does not apply to method clamp.*belongs to ablate"):
         method_config("clamp", {"scale": -3})
     with pytest.raises(UserError, match="unknown CRISP objective"):
         method_config("crisp", {"objective": "fast"})
@@ -109,8 +109,9 @@ def test_method_options_are_checked() -> None:
 def setup(loaded, sae_dir, pack_dir):
     saes = load_saes(str(sae_dir))
     pack = load_pack(pack_dir)
-    selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4,
-                              with_examples=False)
+    selection = find_features(
+        loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False
+    )
     return loaded, saes, pack, selection, str(sae_dir)
 
 
@@ -120,8 +121,9 @@ def _crisp_options(**kw):
 
 def test_crisp_run_dir_apply_and_export(setup, tmp_path: Path) -> None:
     loaded, saes, pack, selection, spec = setup
-    run = unlearn("crisp", loaded, pack, tmp_path / "run", options=_crisp_options(), saes=saes, sae_spec=spec,
-                  features=selection)
+    run = unlearn(
+        "crisp", loaded, pack, tmp_path / "run", options=_crisp_options(), saes=saes, sae_spec=spec, features=selection
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "crisp" and (run / "adapter" / "adapter_config.json").exists()
     assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.bin"))
@@ -141,8 +143,9 @@ def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     loaded, saes, pack, selection, spec = setup
-    full = unlearn("crisp", loaded, pack, tmp_path / "full", options=_crisp_options(), saes=saes, sae_spec=spec,
-                   features=selection)
+    full = unlearn(
+        "crisp", loaded, pack, tmp_path / "full", options=_crisp_options(), saes=saes, sae_spec=spec, features=selection
+    )
     part_dir = tmp_path / "part"
 
     def interrupt(step: int, total: int, terms: dict) -> None:
@@ -150,10 +153,28 @@ def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        unlearn("crisp", loaded, pack, part_dir, options=_crisp_options(), saes=saes, sae_spec=spec,
-                features=selection, progress=interrupt)
-    resumed = unlearn("crisp", loaded, pack, part_dir, options=_crisp_options(), saes=saes, sae_spec=spec,
-                      features=selection, resume=True)
+        unlearn(
+            "crisp",
+            loaded,
+            pack,
+            part_dir,
+            options=_crisp_options(),
+            saes=saes,
+            sae_spec=spec,
+            features=selection,
+            progress=interrupt,
+        )
+    resumed = unlearn(
+        "crisp",
+        loaded,
+        pack,
+        part_dir,
+        options=_crisp_options(),
+        saes=saes,
+        sae_spec=spec,
+        features=selection,
+        resume=True,
+    )
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -161,8 +182,13 @@ def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
 
 def test_rmu_and_ablate_runs_apply_cleanly(setup, tmp_path: Path) -> None:
     loaded, saes, pack, selection, spec = setup
-    rmu = unlearn("rmu", loaded, pack, tmp_path / "rmu", options={"steps": 3, "batch_size": 2, "max_length": 32,
-                                                                  "layer": 2, "lr": 1e-2})
+    rmu = unlearn(
+        "rmu",
+        loaded,
+        pack,
+        tmp_path / "rmu",
+        options={"steps": 3, "batch_size": 2, "max_length": 32, "layer": 2, "lr": 1e-2},
+    )
     ablate = unlearn("ablate", loaded, pack, tmp_path / "ablate", saes=saes, sae_spec=spec, features=selection)
     ids = torch.randint(3, 300, (1, 8))
     with torch.no_grad():
@@ -177,6 +203,5 @@ def test_apply_refuses_another_base_model(setup, tmp_path: Path) -> None:
     loaded, saes, pack, selection, spec = setup
     run = unlearn("ablate", loaded, pack, tmp_path / "a", saes=saes, sae_spec=spec, features=selection)
     other = type(loaded)(loaded.model, loaded.tokenizer, "other-model", "other-source", 0.0)
-    with pytest.raises(UserError, match="was made for model 'tiny-llama'"):
-        with apply(other, run):
-            pass
+    with pytest.raises(UserError, match="was made for model 'tiny-llama'"), apply(other, run):
+        pass

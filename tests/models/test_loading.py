@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.models.loading import load_model, resolve_dtype, resolve_device
+from sae_unlearn.models.loading import load_model, resolve_device, resolve_dtype
 
 
 def test_unknown_model_name() -> None:
@@ -28,7 +28,7 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="has no config.json"):
+    with pytest.raises(UserError, match=r"has no config\.json"):
         load_model(str(tmp_path))
 
 

@@ -9,7 +9,7 @@ import torch
 from sae_unlearn.errors import UserError
 from sae_unlearn.saes.loading import check_compatible, load_saes
 from sae_unlearn.saes.training import NormStats, SAETrainer, SAETrainingConfig
-from tests.conftest import RETAIN, FORGET, tiny_sae
+from tests.conftest import FORGET, RETAIN
 
 
 def test_round_trip_save_load(sae_dir: Path) -> None:
@@ -39,13 +39,22 @@ def test_bad_specs(tmp_path: Path) -> None:
     d = tmp_path / "y"
     d.mkdir()
     (d / "cfg.json").write_text(json.dumps({"architecture": "topk"}))
-    with pytest.raises(UserError, match="no sae_weights.safetensors"):
+    with pytest.raises(UserError, match=r"no sae_weights\.safetensors"):
         load_saes(str(d))
 
 
 def test_folded_normalisation_reads_raw_activations(loaded) -> None:
-    cfg = SAETrainingConfig(layers=[1], expansion=2, k=4, model_batch=4, context_size=16, sae_batch_tokens=32,
-                            buffer_tokens=64, norm_estimate_tokens=64, checkpoint_every=0)
+    cfg = SAETrainingConfig(
+        layers=[1],
+        expansion=2,
+        k=4,
+        model_batch=4,
+        context_size=16,
+        sae_batch_tokens=32,
+        buffer_tokens=64,
+        norm_estimate_tokens=64,
+        checkpoint_every=0,
+    )
     trainer = SAETrainer(loaded, cfg, RETAIN * 3, Path("unused"), "tiny")
     mean, scale = torch.randn(64), torch.rand(64) + 0.5
     trainer.stats = {1: NormStats(mean, scale, 1e9)}
@@ -60,8 +69,18 @@ def test_folded_normalisation_reads_raw_activations(loaded) -> None:
 
 def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
     texts = (RETAIN + FORGET) * 4
-    cfg = SAETrainingConfig(layers=[1, 2], expansion=2, k=4, model_batch=4, context_size=16, sae_batch_tokens=32,
-                            buffer_tokens=64, norm_estimate_tokens=64, checkpoint_every=1, epochs=1.0)
+    cfg = SAETrainingConfig(
+        layers=[1, 2],
+        expansion=2,
+        k=4,
+        model_batch=4,
+        context_size=16,
+        sae_batch_tokens=32,
+        buffer_tokens=64,
+        norm_estimate_tokens=64,
+        checkpoint_every=1,
+        epochs=1.0,
+    )
     full = SAETrainer(loaded, cfg, texts, tmp_path / "a", "tiny")
     full.train()
     assert full.state.step > 3
@@ -88,4 +107,3 @@ def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
 def test_empty_corpus_is_refused(loaded, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="corpus is empty"):
         SAETrainer(loaded, SAETrainingConfig(layers=[1]), [], tmp_path, "tiny")
-

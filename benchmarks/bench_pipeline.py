@@ -1,0 +1,131 @@
+"""Speed ratios of sae-unlearn's hot paths, each measured against its baseline in this one run.
+
+    python benchmarks/bench_pipeline.py [--model embedded] [--sae shipped] [--tokens 4096]
+
+Prints, with the targets from the issues:
+- capture of N SAE layers vs a bare forward truncated at the deepest of them (>= 0.9x) and vs a
+  naive full forward with output_hidden_states=True (>= 2.5x);
+- feature statistics (all SAE layers encoded, one pass) vs the bare truncated forward (>= 0.85x), and
+  vs the original method's approach (full forward with all hidden states, one SAE layer at a time);
+- SAE training step for all layers at once vs the forward pass alone, per token (<= 1.5x cost);
+- CRISP training step vs a plain LoRA language-modelling step on the same tokens (<= 2.0x cost);
+- greedy generation with a clamp intervention installed vs the bare model (>= 0.85x tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sae_unlearn.models import load_model
+from sae_unlearn.models.hooks import capture_resid_post, decoder_blocks
+from sae_unlearn.saes import load_saes_for
+
+
+def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
+    """A bare forward through blocks 0..deepest with no hooks of ours (the baseline)."""
+    blocks = decoder_blocks(model)
+    saved = list(blocks)
+    del blocks[deepest + 1 :]
+    try:
+        model.get_decoder()(input_ids=ids, use_cache=False)
+    finally:
+        blocks.extend(saved[deepest + 1 :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--sae", default="shipped")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    saes = load_saes_for(loaded, args.sae)
+    layers = [s.layer for s in saes]
+    deepest = max(layers)
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq))
+    n_tok = ids.numel()
+    rows: list[tuple[str, float, str]] = []
+
+    with torch.no_grad():
+        t_bare = timed(lambda: bare_truncated(loaded.model, ids, deepest))
+        t_capture = timed(lambda: capture_resid_post(loaded.model, ids, None, layers))
+        t_naive = timed(lambda: loaded.model(input_ids=ids, output_hidden_states=True))
+
+        def stats_pass() -> None:
+            acts = capture_resid_post(loaded.model, ids, None, layers)
+            for s in saes:
+                (s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype)) > 0).sum((0, 1))
+
+        def original_stats() -> None:  # full forward with all hidden states, one SAE layer at a time
+            for s in saes:
+                hs = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+                (s.sae.encode(hs[s.layer + 1].to(s.sae.W_enc.dtype)) > 0).sum((0, 1))
+
+        t_stats = timed(stats_pass)
+        t_orig = timed(original_stats, repeats=1)
+    rows += [
+        ("capture vs bare truncated forward", t_bare / t_capture, ">= 0.9"),
+        ("capture vs output_hidden_states full forward", t_naive / t_capture, ">= 2.5"),
+        ("feature statistics vs bare truncated forward", t_bare / t_stats, ">= 0.85"),
+        ("feature statistics speed-up over the original approach", t_orig / t_stats, "> 1"),
+    ]
+
+    # SAE training step (all layers) vs forward alone
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_unlearn.saes.training import SAETrainingConfig, _new_sae
+
+    cfg = SAETrainingConfig(layers=layers, expansion=saes[0].d_sae // loaded.d_model, k=int(saes[0].sae.cfg.k))
+    train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}
+    opts = {layer: torch.optim.Adam(s.parameters(), lr=1e-4) for layer, s in train_saes.items()}
+
+    def sae_step() -> None:
+        with torch.no_grad():
+            acts = capture_resid_post(loaded.model, ids, None, layers)
+        for layer, sae in train_saes.items():
+            out = sae.training_forward_pass(TrainStepInput(acts[layer].flatten(0, 1).float(), {}, None, 0, False))
+            opts[layer].zero_grad()
+            out.loss.backward()
+            opts[layer].step()
+
+    t_sae = timed(sae_step, repeats=2)
+    rows.append(("SAE training (all layers) cost vs forward alone", t_sae / t_capture, "<= 1.5"))
+
+    # generation with a clamp intervention vs bare
+    from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
+    from sae_unlearn.models.generation import generate
+
+    prompts = ["The history of the city of", "Harry Potter is a"] * 4
+    t_gen = timed(lambda: generate(loaded.model, loaded.tokenizer, prompts, 16), repeats=1)
+    edits = [LayerEdit(s.layer, list(range(10)), "clamp", value=-50.0) for s in saes]
+    with install(loaded.model, saes, Intervention("clamp", loaded.spec, args.sae, edits)):
+        t_gen_clamp = timed(lambda: generate(loaded.model, loaded.tokenizer, prompts, 16), repeats=1)
+    rows.append(("generation tokens/s with clamp vs bare", t_gen / t_gen_clamp, ">= 0.85"))
+
+    print(f"model {args.model}, SAE layers {layers}, {n_tok} tokens per batch, {torch.get_num_threads()} threads")
+    print(f"{'measure':58s} {'ratio':>8s}  target")
+    for name, ratio, target in rows:
+        print(f"{name:58s} {ratio:8.2f}  {target}")
+    print(
+        f"absolute: bare truncated forward {n_tok / t_bare:.0f} tok/s, capture {n_tok / t_capture:.0f} tok/s, "
+        f"statistics {n_tok / t_stats:.0f} tok/s, SAE training {n_tok / t_sae:.0f} tok/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from sae_unlearn.cli.main import app
+
+app(prog_name="sae-unlearn")

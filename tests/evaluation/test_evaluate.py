@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_unlearn.concepts.pack import load_pack
+from sae_unlearn.evaluation.compare import CompareConfig, compare
+from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
+from sae_unlearn.features import find_features, make_strategy
+from sae_unlearn.methods import unlearn
+from sae_unlearn.saes.loading import load_saes
+
+FAST = EvalConfig(probe_split="all", relearn_steps=2, relearn_eval_at=[0, 2], fluency_tokens=6, max_ppl_texts=4)
+
+
+def test_evaluate_base_and_run(loaded, sae_dir, pack_dir, tmp_path: Path) -> None:
+    pack = load_pack(pack_dir)
+    base = evaluate(loaded, pack, None, cfg=FAST)
+    assert set(base["probes"]["rings"]) == {"target", "near", "mid", "far"}
+    assert base["retention"]["retain_heldout_ppl"] > 1 and base["relearning"]["curve"][0]["step"] == 0
+    assert base["adversarial"]["worst_case"]["n"] == 2 and base["reactivation"] is None
+    saes = load_saes(str(sae_dir))
+    selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), with_examples=False)
+    run = unlearn(
+        "ablate",
+        loaded,
+        pack,
+        tmp_path / "ablate",
+        saes=saes,
+        sae_spec=str(sae_dir),
+        features=selection,
+        options={"scale": -5.0},
+    )
+    result = evaluate(loaded, pack, run, cfg=FAST)
+    assert result["method"] == "ablate" and 0 <= result["reactivation"]["fraction"] < 1.0
+    assert result["fluency"]["forget_prompts"]["samples"]
+    json.dumps(result)  # serialisable
+
+
+def test_compare_writes_results_and_report(loaded, sae_dir, pack_dir, tmp_path: Path) -> None:
+    pack = load_pack(pack_dir)
+    cfg = CompareConfig(
+        methods=["clamp", "rmu"],
+        sae=str(sae_dir),
+        k=3,
+        eval=FAST,
+        method_options={"rmu": {"steps": 2, "batch_size": 2, "layer": 2}},
+    )
+    cfg.strategy = "saebench"
+    results = compare(loaded, pack, tmp_path / "cmp", cfg)
+    assert set(results["methods"]) == {"base", "clamp", "rmu"}
+    assert (tmp_path / "cmp" / "report.html").read_text().count("<svg") >= 3
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["concept"] == "zorbo"
