@@ -40,6 +40,11 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _refuse_existing_file(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file", "choose a directory for --out")
@@ -261,8 +266,7 @@ def eval_(
     from sae_unlearn.models import load_model
     from sae_unlearn.runs import read_config
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
+    _refuse_existing_file(out, overwrite)
     if concept is None and not probes:
         raise UserError("nothing to evaluate on", "pass --concept PACK or --probes FILE")
     pack = load_pack(concept) if concept else None
@@ -437,8 +441,7 @@ def concept_generate(
     from sae_unlearn.io import atomic_write_text
     from sae_unlearn.models import load_model
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
+    _refuse_existing_file(out, overwrite)
     if not prompts.exists():
         raise UserError(f"prompt file not found: {prompts}")
     lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]

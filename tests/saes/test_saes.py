@@ -107,3 +107,10 @@ def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
 def test_empty_corpus_is_refused(loaded, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="corpus is empty"):
         SAETrainer(loaded, SAETrainingConfig(layers=[1]), [], tmp_path, "tiny")
+
+
+def test_pretrained_release_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"cannot load SAE gemma-scope-2b-pt-res-canonical:.*HF_HUB_OFFLINE") as e:
+        load_saes("gemma-scope-2b-pt-res-canonical:layer_7/width_16k/canonical")
+    assert "\n" not in str(e.value)
