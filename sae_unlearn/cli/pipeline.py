@@ -196,9 +196,9 @@ def _eval_config(
         lm_eval_include=lm_eval_include,
         lm_eval_limit=lm_eval_limit,
     )
-    if fast:
-        cfg.max_probes_per_ring, cfg.relearn_steps, cfg.relearn_eval_at, cfg.max_ppl_texts = 30, 8, [0, 8], 16
-        cfg.fluency_tokens = 24
+    if fast:  # the CI-sized demo: fewer probes and texts; attacks only on the base model and CRISP
+        cfg.max_probes_per_ring, cfg.relearn_steps, cfg.relearn_eval_at, cfg.max_ppl_texts = 25, 6, [0, 6], 8
+        cfg.fluency_tokens, cfg.robustness_for = 20, ["base", "crisp"]
     return cfg
 
 
@@ -312,10 +312,11 @@ def _run_compare(
         method_options.setdefault(m, {})[opt] = value
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if fast:
-        for m, opts in {"crisp": {"steps": 40, "fluency_every": 20}, "rmu": {"steps": 30}}.items():
+        for m, opts in {"crisp": {"steps": 40, "fluency_every": 20, "lr": 1e-3}, "rmu": {"steps": 30}}.items():
             for key, value in opts.items():
                 method_options.setdefault(m, {}).setdefault(key, value)
     cfg = CompareConfig(
+        max_length=128 if fast else 256,
         methods=names,
         sae=sae,
         k=k,

@@ -41,6 +41,7 @@ class CompareConfig:
     sae: str = "shipped"
     strategy: str = "crisp"
     k: int = 10
+    max_length: int = 256  # tokens per paragraph for feature statistics
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -66,7 +67,7 @@ def compare(
 
         say("feature selection")
         saes = load_saes_for(loaded, cfg.sae)
-        selection = find_features(loaded, saes, pack, cfg.strategy, k=cfg.k)
+        selection = find_features(loaded, saes, pack, cfg.strategy, k=cfg.k, max_length=cfg.max_length)
         selection.write(out / "features")
     results: dict[str, Any] = {
         "version": 1,

@@ -60,6 +60,7 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_include: str | None = None
     lm_eval_limit: int | None = None
+    robustness_for: list[str] | None = None  # methods that get the adversarial and relearning attacks (None: all)
 
 
 def forget_prompts(pack: ConceptPack) -> list[str]:
@@ -125,6 +126,7 @@ def evaluate(
     chosen = select_probes(pack, probes, cfg)
     method = read_config(run_dir)["method"] if run_dir is not None else "base"
     targets = [p for p in chosen if p.ring == "target"]
+    robust = cfg.robustness_for is None or (name or method) in cfg.robustness_for
     result: dict[str, Any] = {
         "version": RESULTS_VERSION,
         "name": name or method,
@@ -153,7 +155,7 @@ def evaluate(
             say("feature re-activation")
             levels = feature_levels(loaded, model, run_dir, pack.forget_split("heldout"))
             result["reactivation_levels"] = levels
-        if cfg.adversarial and targets:
+        if cfg.adversarial and targets and robust:
             say("adversarial prompts")
             result["adversarial"] = adversarial(
                 model, loaded.tokenizer, targets, pack.probe_split("tune") if pack else targets
@@ -197,7 +199,7 @@ def evaluate(
         result["reactivation"] = None
     result.setdefault("adversarial", None)
     result.setdefault("lm_eval", None)
-    if cfg.relearn and pack is not None and targets:
+    if cfg.relearn and pack is not None and targets and robust:
         say("relearning attack")
         result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg)
     else:
