@@ -311,6 +311,10 @@ def _run_compare(
         m, opt = key.split(".", 1)
         method_options.setdefault(m, {})[opt] = value
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    # the published clamp value (-100) is for GemmaScope's activation scale; the shipped SAEs' latents
+    # peak at ~3-13, where -100 wipes out the residual stream (measured: every ring at chance)
+    if sae == "shipped":
+        method_options.setdefault("clamp", {}).setdefault("value", -10.0)
     if fast:
         for m, opts in {"crisp": {"steps": 40, "fluency_every": 20, "lr": 1e-3}, "rmu": {"steps": 30}}.items():
             for key, value in opts.items():

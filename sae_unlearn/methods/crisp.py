@@ -220,7 +220,7 @@ class _CrispLoss:
             "retain": float(retain_loss.detach()),
             "coherence": float(coherence_loss.detach()),
         }
-        if not math.isfinite(float(total)):
+        if not math.isfinite(float(total.detach())):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")
         return total, terms
