@@ -316,7 +316,7 @@ def _run_compare(
     if sae == "shipped":
         method_options.setdefault("clamp", {}).setdefault("value", -10.0)
     if fast:
-        for m, opts in {"crisp": {"steps": 40, "fluency_every": 20, "lr": 1e-3}, "rmu": {"steps": 30}}.items():
+        for m, opts in {"crisp": {"steps": 40}, "rmu": {"steps": 30}}.items():
             for key, value in opts.items():
                 method_options.setdefault(m, {}).setdefault(key, value)
     cfg = CompareConfig(
