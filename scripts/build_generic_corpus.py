@@ -145,6 +145,14 @@ def sample_from_model(
     return out
 
 
+def sample_continuations(real: list[str], args: argparse.Namespace, sink: Path) -> None:
+    """Continue the first 12 words of each real paragraph; the real text also gives the vocabulary."""
+    seeds = [" ".join(p.split()[:12]) for p in real]
+    sample_from_model(
+        seeds, real, args.sample_tokens, args.seed, batch=args.batch, sink=sink, model=args.model, device=args.device
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/generic"))
@@ -169,16 +177,7 @@ def main() -> None:
     sampled_path = args.out / "sampled.txt"
     if args.sample_only is not None:
         real = [p for p in args.sample_only.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        sample_from_model(
-            [" ".join(p.split()[:12]) for p in real],
-            real,
-            args.sample_tokens,
-            args.seed,
-            batch=args.batch,
-            sink=sampled_path,
-            model=args.model,
-            device=args.device,
-        )
+        sample_continuations(real, args, sampled_path)
         return
     train: list[str] = []
     heldout: list[str] = []
@@ -190,18 +189,7 @@ def main() -> None:
         (heldout if i % 20 == 7 else train).append(paragraph)
     log.info("real text: %d train / %d held-out paragraphs", len(train), len(heldout))
     if args.sample_tokens > 0 and not args.reuse_samples:
-        seeds = [" ".join(p.split()[:12]) for p in train]
-        vocab_text = train  # sampling vocabulary: every token of the real text
-        sample_from_model(
-            seeds,
-            vocab_text,
-            args.sample_tokens,
-            args.seed,
-            batch=args.batch,
-            sink=sampled_path,
-            model=args.model,
-            device=args.device,
-        )
+        sample_continuations(train, args, sampled_path)
     if sampled_path.exists():
         sampled = (clean_sample(p) for p in sampled_path.read_text(encoding="utf-8").split("\n\n"))
         train.extend(p for p in sampled if len(p.split()) >= 25)
