@@ -165,7 +165,7 @@ def pack_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAE_UNLEARN_CACHE_TESTS", "1")
-    if "SAE_UNLEARN_CACHE" not in __import__("os").environ:
+def _private_cache(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests get an empty cache each; integration tests keep the shared one (converted models)."""
+    if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("SAE_UNLEARN_CACHE", str(tmp_path / "cache"))
