@@ -21,7 +21,6 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
-    TrainState,
     default_lora_layers,
     hidden_at_layers,
     relative_mse,
@@ -224,6 +222,3 @@ class _CrispLoss:
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")
         return total, terms
-
-
-__all__ = ["CrispConfig", "CrispMethod", "Path", "TrainState"]
