@@ -92,6 +92,9 @@ def train_sae(
         float, typer.Option(help="skip tokens whose norm exceeds this multiple of the median")
     ] = 4.0,
     checkpoint_every: Annotated[int, typer.Option(help="optimiser steps between checkpoints")] = 200,
+    encoder_matmul_dtype: Annotated[
+        str, typer.Option(help="dtype of the encoder's big matmul: bfloat16 (fast on CPU and GPU) or float32")
+    ] = "bfloat16",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace SAEs already in --out")] = False,
@@ -124,6 +127,7 @@ def train_sae(
         normalize=normalize,
         outlier_factor=outlier_factor,
         checkpoint_every=checkpoint_every,
+        encoder_matmul_dtype=encoder_matmul_dtype,
         seed=seed,
     )
     loaded = load_model(model, dtype=dtype, device=device)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
+from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate, feature_levels
 from sae_unlearn.features import find_features
 from sae_unlearn.io import atomic_write_json, atomic_write_text
 from sae_unlearn.methods import METHODS, unlearn
@@ -82,6 +82,7 @@ def compare(
         loaded, pack, None, cfg=cfg.eval, name="base", progress=lambda m: say(f"evaluate base: {m}")
     )
     _write(out, results)
+    base_levels: dict[int, float] | None = None
     for method in cfg.methods:
         say(f"unlearn {method}")
         run_dir = out / "runs" / method
@@ -96,6 +97,8 @@ def compare(
             features=selection,
             progress=progress,
         )
+        if base_levels is None and (run_dir / "features.json").exists():  # one selection for every method
+            base_levels = feature_levels(loaded, loaded.model, run_dir, pack.forget_split("heldout"))
         say(f"evaluate {method}")
         results["methods"][method] = evaluate(
             loaded,
@@ -103,6 +106,7 @@ def compare(
             run_dir,
             cfg=cfg.eval,
             name=method,
+            base_levels=base_levels,
             progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
         )
         _write(out, results)

@@ -146,7 +146,9 @@ def evaluate(
             if pack
             else None,
             "generic_ppl": perplexity(model, loaded.tokenizer, _generic_texts()[: cfg.max_ppl_texts]),
-            "forget_heldout_ppl": perplexity(model, loaded.tokenizer, pack.forget_split("heldout")) if pack else None,
+            "forget_heldout_ppl": perplexity(model, loaded.tokenizer, pack.forget_split("heldout")[: cfg.max_ppl_texts])
+            if pack
+            else None,
         }
         say("generations")
         for key, ps in prompts.items():
@@ -157,8 +159,13 @@ def evaluate(
             result["reactivation_levels"] = levels
         if cfg.adversarial and targets and robust:
             say("adversarial prompts")
+            per_probe = result["probes"]["per_probe"]
             result["adversarial"] = adversarial(
-                model, loaded.tokenizer, targets, pack.probe_split("tune") if pack else targets
+                model,
+                loaded.tokenizer,
+                targets,
+                pack.probe_split("tune") if pack else targets,
+                plain_right=[per_probe[p.id] for p in targets],
             )
         if cfg.lm_eval_tasks:
             from sae_unlearn.evaluation.lm_eval_bridge import run_lm_eval
@@ -201,7 +208,8 @@ def evaluate(
     result.setdefault("lm_eval", None)
     if cfg.relearn and pack is not None and targets and robust:
         say("relearning attack")
-        result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg)
+        initial = result["probes"]["rings"]["target"]["logprob"]["acc"]
+        result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg, initial)
     else:
         result["relearning"] = None
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -214,7 +222,12 @@ def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> flo
 
 
 def relearn(
-    loaded: LoadedModel, run_dir: Path | None, pack: ConceptPack, targets: Sequence[Probe], cfg: EvalConfig
+    loaded: LoadedModel,
+    run_dir: Path | None,
+    pack: ConceptPack,
+    targets: Sequence[Probe],
+    cfg: EvalConfig,
+    initial: float | None = None,
 ) -> dict[str, Any]:
     """Relearning attack on a throwaway copy of the model with the run made permanent."""
     import copy
@@ -231,6 +244,7 @@ def relearn(
             steps=cfg.relearn_steps,
             lr=cfg.relearn_lr,
             eval_at=cfg.relearn_eval_at,
+            initial=initial,
         )
 
 

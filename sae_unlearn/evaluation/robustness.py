@@ -43,15 +43,27 @@ def adversarial_probes(probes: Sequence[Probe], hint_pool: Sequence[Probe], seed
     return out
 
 
-def adversarial(model: Any, tokenizer: Any, probes: Sequence[Probe], hint_pool: Sequence[Probe]) -> dict[str, Any]:
-    """Accuracy per template and the worst case per question (right under any template)."""
+def adversarial(
+    model: Any,
+    tokenizer: Any,
+    probes: Sequence[Probe],
+    hint_pool: Sequence[Probe],
+    plain_right: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """Accuracy per template and the worst case per question (right under any template).
+
+    `plain_right`: the probes' own correctness when already scored (the "plain" template is the probe).
+    """
     if not probes:
         return {}
     variants = adversarial_probes(probes, hint_pool)
-    right = {}
-    for name, items in variants.items():
-        lp = option_logprobs(model, tokenizer, items)
-        right[name] = np.array([int(np.argmax(s)) == 0 for s in lp])
+    if plain_right is not None:
+        del variants["plain"]
+    items = [p for group in variants.values() for p in group]
+    lp = option_logprobs(model, tokenizer, items)
+    right = {"plain": np.array(plain_right, dtype=bool)} if plain_right is not None else {}
+    for i, name in enumerate(variants):
+        right[name] = np.array([int(np.argmax(s)) == 0 for s in lp[i * len(probes) : (i + 1) * len(probes)]])
     worst = np.stack(list(right.values())).any(0)
     return {"templates": {k: accuracy(v).to_dict() for k, v in right.items()}, "worst_case": accuracy(worst).to_dict()}
 
@@ -68,10 +80,12 @@ def relearning_attack(
     eval_at: Sequence[int] = (0, 10, 20),
     seed: int = 0,
     max_length: int = 128,
+    initial: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a copy of the (unlearned) model with LoRA on every projection; measure along the way.
 
-    `attack_model` is consumed (trained in place); `measure(model)` returns target accuracy.
+    `attack_model` is consumed (trained in place); `measure(model)` returns target accuracy;
+    `initial` is that accuracy before the attack when it is already known.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -86,7 +100,8 @@ def relearning_attack(
     for step in range(steps + 1):
         if step in eval_at:
             model.eval()
-            curve.append({"step": step, "target_acc": measure(model)})
+            acc = initial if step == 0 and initial is not None else measure(model)
+            curve.append({"step": step, "target_acc": acc})
         if step == steps:
             break
         model.train()

@@ -20,10 +20,10 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_write_text, cache_dir, hash_json, sha256_file
 from sae_unlearn.models.hooks import capture_resid_post, special_token_ids, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
-from sae_unlearn.saes.loading import LoadedSAE
+from sae_unlearn.saes.loading import LoadedSAE, encode_topk_sparse
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 1
+STATS_VERSION = 2
 SIDES = ("forget", "retain")
 
 
@@ -85,6 +85,41 @@ def encode_layers(
     return latents, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
 
 
+def encode_valid_tokens(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
+    """Per layer, the latents of the valid tokens only (BOS/padding never encoded): (values, ids) [N, k]
+    for TopK SAEs, else a dense [N, d_sae] tensor."""
+    ids = batch["input_ids"].to(loaded.device)
+    attn = batch["attention_mask"].to(loaded.device)
+    mask = valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+    out: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+    with torch.no_grad():
+        acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
+        for s in saes:
+            x = acts[s.layer][mask].to(s.sae.W_enc.dtype)
+            out[s.layer] = encode_topk_sparse(s.sae, x) or s.sae.encode(x)
+    return out
+
+
+def _accumulate(acc: dict[str, Any], side: str, latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> None:
+    if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
+        values, ids = latents
+        v, i = values.flatten().float().cpu(), ids.flatten().cpu()
+        n_tokens = values.shape[0]
+        acc[f"{side}_count"] += torch.bincount(i[v > 0], minlength=len(acc[f"{side}_count"]))
+        acc[f"{side}_sum"].index_add_(0, i, v)
+        acc[f"{side}_max"].scatter_reduce_(0, i, v, "amax")
+    else:
+        z = latents.float().cpu()
+        n_tokens = z.shape[0]
+        acc[f"{side}_count"] += (z > 0).sum(0)
+        acc[f"{side}_sum"] += z.sum(0)
+        if n_tokens:
+            torch.maximum(acc[f"{side}_max"], z.max(0).values, out=acc[f"{side}_max"])
+    acc[f"{side}_tokens"] += n_tokens
+
+
 def stats_key(
     loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str], max_length: int
 ) -> str:
@@ -133,14 +168,8 @@ def compute_stats(
     done = 0
     for side, texts in (("forget", forget), ("retain", retain)):
         for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
-            latents, mask = encode_layers(loaded, saes, batch)
-            for layer, z in latents.items():
-                zv = z[mask.to(z.device)].cpu()
-                a = acc[layer]
-                a[f"{side}_count"] += (zv > 0).sum(0)
-                a[f"{side}_sum"] += zv.sum(0)
-                a[f"{side}_max"] = torch.maximum(a[f"{side}_max"], zv.max(0).values if len(zv) else a[f"{side}_max"])
-                a[f"{side}_tokens"] += zv.shape[0]
+            for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
+                _accumulate(acc[layer], side, latents)
             done += batch["input_ids"].shape[0]
             if progress is not None:
                 progress(done, total)

@@ -40,7 +40,12 @@ def generate(
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
         res = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the lm_head (262k rows on Gemma) only where the next token is read
         )
         cache = res.past_key_values
         logits = res.logits[:, -1].float()

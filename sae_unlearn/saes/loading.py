@@ -47,6 +47,20 @@ class LoadedSAE:
         return self.sae.cfg.metadata.get("neuronpedia_id")
 
 
+def encode_topk_sparse(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, latent ids) [..., k] of a TopK SAE's encoding, exactly as `sae.encode` computes them but
+    without scattering into a dense [..., d_sae] tensor; None for other architectures."""
+    from sae_lens.saes.topk_sae import TopKSAE, TopKTrainingSAE
+
+    if not isinstance(sae, TopKSAE | TopKTrainingSAE):
+        return None
+    hidden_pre = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
+    values, ids = hidden_pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
+    return values.relu(), ids
+
+
 def shipped_dir_for(model_spec: str) -> Path:
     if model_spec not in SHIPPED:
         raise UserError(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
@@ -51,8 +52,11 @@ class SAETrainingConfig:
     checkpoint_every: int = 200
     seed: int = 0
     eval_tokens: int = 8192
+    encoder_matmul_dtype: str = "bfloat16"  # the one big matmul; losses, gradients and Adam stay float32
 
     def __post_init__(self) -> None:
+        if self.encoder_matmul_dtype not in ("bfloat16", "float32"):
+            raise UserError(f"unknown encoder matmul dtype {self.encoder_matmul_dtype!r}", "use bfloat16 or float32")
         if self.normalize not in ("per_dim", "none"):
             raise UserError(f"unknown normalisation {self.normalize!r}", "use per_dim or none")
         if self.k < 1 or self.expansion < 1:
@@ -150,6 +154,44 @@ def estimate_norm_stats(batches: Iterator[dict[int, torch.Tensor]], cfg: SAETrai
             [round(v, 3) for v in top],
         )
     return stats
+
+
+def topk_training_losses(
+    sae: Any, x: torch.Tensor, dead_mask: torch.Tensor | None, matmul_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAELens TopKTrainingSAE's MSE and aux-k losses, same values and gradients, computed sparsely.
+
+    Returns (mse, aux, reconstruction, fired latent ids). Three changes make it ~3x cheaper than
+    `training_forward_pass` on CPU: (x - b_dec) @ W_enc is split so backward forms only dW_enc from the
+    big product; decoding is an embedding-bag over the k active latents instead of a dense matmul; the
+    aux-k loss looks only at the dead latents' columns. The decoder-norm rescaling cancels in value and
+    gradient (relu(a*n)/n = relu(a) for n > 0), so it only enters the top-k ranking.
+    """
+    cfg = sae.cfg
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    xw = x @ W_enc if matmul_dtype is None else (x.to(matmul_dtype) @ W_enc.to(matmul_dtype)).float()
+    pre = xw + (b_enc - b_dec @ W_enc)
+    norm = W_dec.norm(dim=-1)
+    with torch.no_grad():
+        ranking = pre * norm if cfg.rescale_acts_by_decoder_norm else pre
+        idx = ranking.topk(cfg.k, dim=-1, sorted=False).indices
+    vals = pre.gather(-1, idx).relu()
+    recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
+    mse = (recon - x).pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    if dead_mask is not None and (n_dead := int(dead_mask.sum())) > 0:
+        k_aux = x.shape[-1] // 2  # SAELens / EleutherAI heuristic
+        scale = min(n_dead / k_aux, 1.0)
+        dead = dead_mask.nonzero().squeeze(1)
+        pre_dead = pre[:, dead]
+        if n_dead > k_aux:
+            with torch.no_grad():
+                ranked = pre_dead * norm[dead] if cfg.rescale_acts_by_decoder_norm else pre_dead
+                aux_idx = ranked.topk(k_aux, dim=-1, sorted=False).indices
+            pre_dead = torch.zeros_like(pre_dead).scatter(-1, aux_idx, pre_dead.gather(-1, aux_idx))
+        aux_recon = pre_dead @ W_dec[dead]
+        aux = cfg.aux_loss_coefficient * scale * (aux_recon - (x - recon).detach()).pow(2).sum(-1).mean()
+    return mse, aux, recon, idx[vals > 0]
 
 
 def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) -> Any:
@@ -272,33 +314,24 @@ class SAETrainer:
         return end + 0.5 * (cfg.lr - end) * (1 + math.cos(math.pi * progress))
 
     def _step(self, batch: dict[int, torch.Tensor], total_steps: int) -> dict[str, float]:
-        from sae_lens.saes.sae import TrainStepInput
-
         lr = self._lr(total_steps)
-        dead_after = self.cfg.dead_after_tokens
+        matmul_dtype = torch.bfloat16 if self.cfg.encoder_matmul_dtype == "bfloat16" else None
         metrics: dict[str, float] = {}
         for layer, x in batch.items():
             sae, opt = self.saes[layer], self.optimizers[layer]
             for group in opt.param_groups:
                 group["lr"] = lr
-            step_input = TrainStepInput(
-                sae_in=x,
-                coefficients={},
-                dead_neuron_mask=self.since_fired[layer] > dead_after,
-                n_training_steps=self.state.step,
-                is_logging_step=False,
-            )
-            out = sae.training_forward_pass(step_input)
+            dead_mask = self.since_fired[layer] > self.cfg.dead_after_tokens
+            mse, aux, recon, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            (mse + aux).backward()
             opt.step()
             with torch.no_grad():
-                fired = (out.feature_acts > 0).any(0)
                 self.since_fired[layer] += x.shape[0]
                 self.since_fired[layer][fired] = 0
-                fve = 1 - ((out.sae_out - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+                fve = 1 - ((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
             metrics[f"L{layer}.fve"] = float(fve)
-            metrics[f"L{layer}.mse"] = float(out.losses["mse_loss"].detach())
+            metrics[f"L{layer}.mse"] = float(mse.detach())
         self.state.step += 1
         self.state.tokens_trained += next(iter(batch.values())).shape[0]
         return metrics

@@ -14,6 +14,7 @@ from sae_unlearn.evaluation.scoring import (
     score_probes,
 )
 from sae_unlearn.evaluation.text import distinct_n, foreign_script_share, repeated_ngram_share
+from tests.conftest import FAMILIES, tiny_model
 
 PROBES = [
     Probe("a", "Where does Zorbo live?", "Quendor", ("village", "spring", "tower"), "target"),
@@ -21,17 +22,24 @@ PROBES = [
 ]
 
 
-def test_option_logprobs_match_a_full_forward(loaded) -> None:
-    tok = loaded.tokenizer
-    scores = option_logprobs(loaded.model, tok, PROBES, batch_size=3)
-    probe = PROBES[0]
-    prompt = tok(question_prompt(probe)).input_ids
-    opt = tok(" " + probe.answer, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        logits = loaded.model(input_ids=torch.tensor([prompt + opt])).logits[0]
-    logp = torch.log_softmax(logits.float(), -1)
-    expected = float(np.mean([logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(opt)]))
-    assert scores[0][0] == pytest.approx(expected, abs=1e-4)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_option_logprobs_match_a_full_forward(family: str, tokenizer) -> None:
+    """The shared-question KV cache gives each option the numbers of its own full forward pass."""
+    model, tok = tiny_model(family, len(tokenizer)), tokenizer
+    probes = [
+        *PROBES,
+        Probe("c", "Name the tall tower near the old mill by the river?", "a", ("b c d e", "f", "g h"), "mid"),
+    ]
+    scores = option_logprobs(model, tok, probes, batch_size=2)
+    for pi, probe in enumerate(probes):
+        prompt = tok(question_prompt(probe)).input_ids
+        for oi, option in enumerate(probe.options):
+            opt = tok(" " + option, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + opt])).logits[0]
+            logp = torch.log_softmax(logits.float(), -1)
+            expected = float(np.mean([logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(opt)]))
+            assert scores[pi][oi] == pytest.approx(expected, abs=1e-4), (family, pi, oi)
 
 
 def test_letter_permutation_rule(loaded) -> None:

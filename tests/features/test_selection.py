@@ -68,13 +68,34 @@ def test_statistics_mask_bos_and_padding(loaded, sae_dir) -> None:
     assert float(result[1].forget_count.sum()) <= k * n_valid
 
 
+def test_sparse_statistics_equal_dense_encoding(loaded, sae_dir) -> None:
+    """The TopK fast path (never densified) gives exactly the numbers of SAELens' dense encode."""
+    from sae_unlearn.features.statistics import encode_layers, iter_batches
+
+    saes = load_saes(str(sae_dir))
+    texts_f, texts_r = ["a b c d e f g", "a c", "b b b d"], ["x y", "y z x w"]
+    result = compute_stats(loaded, saes, texts_f, texts_r, batch_size=2, use_cache=False)
+    for side, texts in (("forget", texts_f), ("retain", texts_r)):
+        zs = {s.layer: [] for s in saes}
+        for batch in iter_batches(texts, loaded.tokenizer, 2, 256):
+            latents, mask = encode_layers(loaded, saes, batch)
+            for layer, z in latents.items():
+                zs[layer].append(z[mask])
+        for layer, chunks in zs.items():
+            z = torch.cat(chunks)
+            got = result[layer]
+            assert torch.equal(getattr(got, f"{side}_count"), (z > 0).sum(0).float())
+            torch.testing.assert_close(getattr(got, f"{side}_sum"), z.sum(0))
+            torch.testing.assert_close(getattr(got, f"{side}_max"), z.max(0).values.clamp(min=0))
+
+
 def test_statistics_cache_invalidation(loaded, sae_dir, monkeypatch) -> None:
     saes = load_saes(str(sae_dir))
     calls = []
     import sae_unlearn.features.statistics as st
 
-    original = st.encode_layers
-    monkeypatch.setattr(st, "encode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = st.encode_valid_tokens
+    monkeypatch.setattr(st, "encode_valid_tokens", lambda *a, **k: calls.append(1) or original(*a, **k))
     compute_stats(loaded, saes, ["a b"], ["c d"], batch_size=1)
     n = len(calls)
     compute_stats(loaded, saes, ["a b"], ["c d"], batch_size=1)

@@ -8,7 +8,7 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.saes.loading import check_compatible, load_saes
-from sae_unlearn.saes.training import NormStats, SAETrainer, SAETrainingConfig
+from sae_unlearn.saes.training import NormStats, SAETrainer, SAETrainingConfig, topk_training_losses
 from tests.conftest import FORGET, RETAIN
 
 
@@ -65,6 +65,36 @@ def test_folded_normalisation_reads_raw_activations(loaded) -> None:
     folded = trainer.inference_sae(1)
     torch.testing.assert_close(folded.encode(x), expected_acts, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(folded.decode(folded.encode(x)), expected_out, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_dead", [0, 40, 200])
+def test_fast_topk_losses_match_sae_lens(n_dead: int) -> None:
+    """Same loss values and gradients as SAELens' own training_forward_pass, aux-k loss included."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    cfg = TopKTrainingSAEConfig(d_in=64, d_sae=512, k=8, aux_loss_coefficient=1 / 32, apply_b_dec_to_input=True)
+    sae = TopKTrainingSAE(cfg)
+    with torch.no_grad():  # off the initialisation, where several gradients vanish
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(torch.rand(512, 1) + 0.5)
+    x = torch.randn(100, 64) * 3
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[torch.randperm(512)[:n_dead]] = True
+    ref = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False))
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    mse, aux, recon, fired = topk_training_losses(sae, x, dead)
+    (mse + aux).backward()
+    assert aux.item() > 0 if n_dead else aux.item() == 0
+    torch.testing.assert_close(mse + aux, ref.loss)
+    torch.testing.assert_close(recon, ref.sae_out, rtol=1e-5, atol=1e-4)
+    assert set(fired.tolist()) == set(ref.feature_acts.nonzero()[:, 1].tolist())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
