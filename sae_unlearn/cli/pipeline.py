@@ -307,9 +307,13 @@ def _run_compare(
     method_options: dict[str, dict[str, Any]] = {}
     for key, value in parse_options(set_).items():
         if "." not in key:
-            raise UserError(f"--set {key}=... needs a method prefix", "e.g. --set crisp.steps=100")
+            raise UserError(
+                f"--set {key}=... needs a method prefix or features.",
+                "e.g. --set crisp.steps=100 or --set features.max_retain_rate=0.02",
+            )
         m, opt = key.split(".", 1)
         method_options.setdefault(m, {})[opt] = value
+    strategy_options = method_options.pop("features", {})
     names = [m.strip() for m in methods.split(",") if m.strip()]
     # the published clamp value (-100) is for GemmaScope's activation scale; the shipped SAEs' latents
     # peak at ~3-13, where -100 wipes out the residual stream (measured: every ring at chance)
@@ -324,6 +328,7 @@ def _run_compare(
         methods=names,
         sae=sae,
         k=k,
+        strategy_options=strategy_options,
         method_options=method_options,
         eval=_eval_config(fast, letter, True, True, None, None, None),
     )

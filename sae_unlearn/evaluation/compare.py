@@ -18,7 +18,7 @@ from typing import Any
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate, feature_levels
-from sae_unlearn.features import find_features
+from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.io import atomic_write_json, atomic_write_text
 from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models.loading import LoadedModel
@@ -40,6 +40,7 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["crisp", "clamp", "ablate", "rmu"])
     sae: str = "shipped"
     strategy: str = "crisp"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     k: int = 10
     max_length: int = 256  # tokens per paragraph for feature statistics
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -67,7 +68,8 @@ def compare(
 
         say("feature selection")
         saes = load_saes_for(loaded, cfg.sae)
-        selection = find_features(loaded, saes, pack, cfg.strategy, k=cfg.k, max_length=cfg.max_length)
+        strategy = make_strategy(cfg.strategy, k=cfg.k, **cfg.strategy_options)
+        selection = find_features(loaded, saes, pack, strategy, k=cfg.k, max_length=cfg.max_length)
         selection.write(out / "features")
     results: dict[str, Any] = {
         "version": 1,

@@ -97,12 +97,15 @@ class Strategy:
 class CrispStrategy(Strategy):
     min_ratio: float = 3.0
     candidates_factor: int = 10
+    max_retain_rate: float | None = None  # not in the paper (None): also drop features this dense on retain
     name: ClassVar[str] = "crisp"
 
     def select_layer(self, stats: LayerStats) -> list[SelectedFeature]:
         fc, rc, fsum, rsum = _balanced(stats)
         freq_diff = fc - rc
         relative = fsum / (rsum + 1)
+        if self.max_retain_rate is not None:
+            freq_diff = torch.where(stats.retain_rate <= self.max_retain_rate, freq_diff, torch.zeros_like(freq_diff))
         order = torch.argsort(freq_diff, descending=True, stable=True)[: self.candidates_factor * self.k]
         keep = [int(i) for i in order if relative[i] >= self.min_ratio and freq_diff[i] > 0]
         return [_feature(stats, i, float(freq_diff[i])) for i in keep[: self.k]]

@@ -23,6 +23,8 @@ def test_crisp_rule_by_hand() -> None:
     assert [f.index for f in chosen] == [1, 2]  # 0 fails the ratio >= 3, 3 has a negative difference
     assert chosen[0].relative == pytest.approx(8.0)
     assert [f.index for f in make_strategy("crisp", k=2, min_ratio=0.5).select({0: s})] == [0, 1]
+    # the optional retain-density cap: feature 1 fires on 1% of retain tokens, 0.5% is allowed
+    assert [f.index for f in make_strategy("crisp", k=2, max_retain_rate=0.005).select({0: s})] == [2]
 
 
 def test_crisp_balances_corpus_sizes() -> None:

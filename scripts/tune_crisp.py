@@ -1,0 +1,76 @@
+"""Compare CRISP settings on the TUNE probe split (the demo and the README report on the other half).
+
+    python scripts/tune_crisp.py --sae shipped --steps 40 \
+        --try "" --try "crisp.ablation_scale=-12" --try "features.max_retain_rate=0.02 crisp.retain_weight=3"
+
+Each --try is a space-separated list of features.KEY=VALUE (selection strategy) and crisp.KEY=VALUE
+(method) options; "" is the defaults. Prints one row per setting plus the base model, with the
+quality goals' quantities: per-ring log-prob accuracy, retain and generic perplexity, and the base
+model's perplexity of forget-prompt generations (fluency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sae_unlearn.cli.pipeline import parse_options
+from sae_unlearn.concepts.pack import RINGS, load_pack
+from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
+from sae_unlearn.features import find_features, make_strategy
+from sae_unlearn.methods import unlearn
+from sae_unlearn.models import load_model
+from sae_unlearn.saes import load_saes_for
+
+
+def row(name: str, r: dict[str, Any], seconds: float) -> str:
+    rings = r["probes"]["rings"]
+    acc = " ".join(f"{rings[ring]['logprob']['acc']:.3f}" for ring in RINGS)
+    ret = r["retention"]
+    flu = r["fluency"]["forget_prompts"]["base_ppl"]
+    react = (r.get("reactivation") or {}).get("fraction", float("nan"))
+    return (
+        f"{name:60s} {acc}  {ret['retain_heldout_ppl']:7.2f} {ret['generic_ppl']:7.2f} "
+        f"{ret['forget_heldout_ppl']:8.1f} {flu:6.2f} {react:6.2f} {seconds:5.0f}s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--sae", default="shipped")
+    parser.add_argument("--concept", default="harry-potter")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per paragraph for statistics")
+    parser.add_argument("--try", dest="tries", action="append", default=[], help="options of one setting")
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    pack = load_pack(args.concept)
+    saes = load_saes_for(loaded, args.sae)
+    cfg = EvalConfig(probe_split="tune", letter=False, adversarial=False, relearn=False, max_ppl_texts=16)
+    cfg.fluency_tokens = 20
+    header = f"{'setting':60s} {' '.join(f'{r:5s}' for r in RINGS)}  retain  generic  forget  fluency react  time"
+    print(header)
+    start = time.perf_counter()
+    print(row("base", evaluate(loaded, pack, None, cfg=cfg), time.perf_counter() - start), flush=True)
+    for spec in args.tries or [""]:
+        opts = parse_options(spec.split()) if spec else {}
+        feat_opts = {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("features.")}
+        crisp_opts = {"steps": args.steps} | {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("crisp.")}
+        start = time.perf_counter()
+        strategy = make_strategy("crisp", k=args.k, **feat_opts)
+        selection = find_features(
+            loaded, saes, pack, strategy, k=args.k, max_length=args.max_length, with_examples=False
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            run = unlearn("crisp", loaded, pack, Path(tmp) / "run", options=crisp_opts, saes=saes, features=selection)
+            result = evaluate(loaded, pack, run, cfg=cfg)
+        print(row(spec or "defaults", result, time.perf_counter() - start), flush=True)
+
+
+if __name__ == "__main__":
+    main()
