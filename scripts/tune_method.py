@@ -1,12 +1,13 @@
-"""Compare CRISP settings on the TUNE probe split (the demo and the README report on the other half).
+"""Compare a method's settings on the TUNE probe split (the demo and the README report on the other half).
 
-    python scripts/tune_crisp.py --sae shipped --steps 40 \
-        --try "" --try "crisp.ablation_scale=-12" --try "features.max_retain_rate=0.02 crisp.retain_weight=3"
+    python scripts/tune_method.py --method crisp --set steps=40 \
+        --try "" --try "ablation_scale=-12" --try "features.max_retain_rate=0.02 retain_weight=3"
+    python scripts/tune_method.py --method clamp --try "value=-5" --try "value=-10 threshold=1"
 
-Each --try is a space-separated list of features.KEY=VALUE (selection strategy) and crisp.KEY=VALUE
-(method) options; "" is the defaults. Prints one row per setting plus the base model, with the
-quality goals' quantities: per-ring log-prob accuracy, retain and generic perplexity, and the base
-model's perplexity of forget-prompt generations (fluency).
+Each --try is a space-separated list of method options KEY=VALUE and selection-strategy options
+features.KEY=VALUE, applied over the --set ones; "" is the defaults. Prints one row per setting plus
+the base model, with the quality goals' quantities: per-ring log-prob accuracy, retain and generic
+perplexity, and the base model's perplexity of forget-prompt generations (fluency).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("--sae", default="shipped")
     parser.add_argument("--concept", default="harry-potter")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--method", default="crisp")
+    parser.add_argument("--set", dest="common", default="", help="method options shared by every --try")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per paragraph for statistics")
     parser.add_argument("--try", dest="tries", action="append", default=[], help="options of one setting")
     args = parser.parse_args()
@@ -60,14 +62,17 @@ def main() -> None:
     for spec in args.tries or [""]:
         opts = parse_options(spec.split()) if spec else {}
         feat_opts = {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("features.")}
-        crisp_opts = {"steps": args.steps} | {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("crisp.")}
+        common = parse_options(args.common.split()) if args.common else {}
+        method_opts = common | {k: v for k, v in opts.items() if not k.startswith("features.")}
         start = time.perf_counter()
         strategy = make_strategy("crisp", k=args.k, **feat_opts)
         selection = find_features(
             loaded, saes, pack, strategy, k=args.k, max_length=args.max_length, with_examples=False
         )
         with tempfile.TemporaryDirectory() as tmp:
-            run = unlearn("crisp", loaded, pack, Path(tmp) / "run", options=crisp_opts, saes=saes, features=selection)
+            run = unlearn(
+                args.method, loaded, pack, Path(tmp) / "run", options=method_opts, saes=saes, features=selection
+            )
             result = evaluate(loaded, pack, run, cfg=cfg)
         print(row(spec or "defaults", result, time.perf_counter() - start), flush=True)
 
