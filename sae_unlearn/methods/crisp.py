@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sae_unlearn.errors import UserError
+from sae_unlearn.evaluation.scoring import lm_head_logits
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
@@ -59,6 +60,8 @@ class CrispConfig:
     ablation_scale: float = -8.0  # chosen on the tune probe split of harry-potter (-3 forgot little in 40 steps)
     retain_weight: float = 1.0  # ablation objective: weight of the retain term
     coherence_weight: float = 0.1  # ablation objective: weight of the coherence term
+    retain_kl_weight: float = 0.0  # ablation objective: KL(base || adapted) of next-token distributions on retain
+    retain_kl_positions: int = 64  # retain tokens per step that the KL term reads (the lm_head is the cost)
     fluency_every: int = 20
     max_fluency_ratio: float = 2.0
     checkpoint_every: int = 50
@@ -101,6 +104,16 @@ def ablation_target(sae: Any, frozen: torch.Tensor, features: torch.Tensor, scal
     z = sae.encode(frozen.to(sae.W_enc.dtype))[..., features]
     delta = ((scale - 1.0) * z) @ sae.W_dec[features]
     return frozen + delta.to(frozen.dtype)
+
+
+def retain_kl(
+    model: Any, frozen: torch.Tensor, adapted: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Mean KL(base || adapted) of the next-token distributions at (rows, cols) of final hidden states."""
+    with torch.no_grad():
+        base_logp = torch.log_softmax(lm_head_logits(model, frozen[rows, cols]), -1)
+    logp = torch.log_softmax(lm_head_logits(model, adapted[rows, cols]), -1)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
 
 
 @register
@@ -177,12 +190,13 @@ class _CrispLoss:
             loaded.tokenizer, [self.coherence[step % len(self.coherence)]], cfg.max_length, loaded.device
         )
 
+        kl = cfg.objective == "ablation" and cfg.retain_kl_weight > 0
         with model.disable_adapter(), torch.no_grad():
             frozen_f = hidden_at_layers(model, forget, self.layers)
-            frozen_r = hidden_at_layers(model, retain, self.layers)
+            frozen_r = hidden_at_layers(model, retain, self.layers, final=kl)
             frozen_c = hidden_at_layers(model, coherence, None)
         adapted_f = hidden_at_layers(model, forget, self.layers)
-        adapted_r = hidden_at_layers(model, retain, self.layers)
+        adapted_r = hidden_at_layers(model, retain, self.layers, final=kl)
         adapted_c = hidden_at_layers(model, coherence, None)
 
         unlearn = torch.zeros((), device=loaded.device)
@@ -213,11 +227,19 @@ class _CrispLoss:
             ) / len(self.layers)
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
             total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
+            if kl:
+                rows, cols = retain.valid.nonzero(as_tuple=True)
+                pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + step))
+                pick = pick[: cfg.retain_kl_positions].to(rows.device)
+                kl_loss = retain_kl(model, frozen_r.final, adapted_r.final, rows[pick], cols[pick])
+                total = total + cfg.retain_kl_weight * kl_loss
         terms = {
             "unlearn": float(unlearn.detach()),
             "retain": float(retain_loss.detach()),
             "coherence": float(coherence_loss.detach()),
         }
+        if kl:
+            terms["retain_kl"] = float(kl_loss.detach())
         if not math.isfinite(float(total.detach())):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")

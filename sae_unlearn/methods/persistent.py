@@ -52,11 +52,18 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: torc
     return Batch(enc.input_ids, enc.attention_mask, valid)
 
 
-def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None) -> Hidden:
-    """resid_post at `layers` (forward stopped at the deepest), or the final normed hidden state if None."""
-    if layers is None:
-        out = decoder_body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return Hidden({}, out.last_hidden_state)
+def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None, final: bool = False) -> Hidden:
+    """resid_post at `layers` (forward stopped at the deepest unless `final`) and/or the final normed
+    hidden state (`final`, or `layers` None)."""
+    if layers is None or final:
+        out = decoder_body(model)(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=layers is not None,
+            use_cache=False,
+        )
+        hidden = {layer: out.hidden_states[layer + 1] for layer in layers or []}
+        return Hidden(hidden, out.last_hidden_state)
     return Hidden(capture_resid_post(model, batch.input_ids, batch.attention_mask, layers))
 
 

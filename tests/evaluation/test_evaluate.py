@@ -49,5 +49,6 @@ def test_compare_writes_results_and_report(loaded, sae_dir, pack_dir, tmp_path: 
     cfg.strategy = "saebench"
     results = compare(loaded, pack, tmp_path / "cmp", cfg)
     assert set(results["methods"]) == {"base", "clamp", "rmu"}
+    assert set(results["seconds"]) == {"feature_selection", "unlearn_clamp", "unlearn_rmu", "total"}
     assert (tmp_path / "cmp" / "report.html").read_text().count("<svg") >= 3
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["concept"] == "zorbo"

@@ -10,7 +10,7 @@ from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.errors import UserError
 from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import apply, export_merged, method_config, unlearn
-from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss
+from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, retain_kl
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
 from sae_unlearn.methods.persistent import relative_mse
 from sae_unlearn.saes.loading import LoadedSAE, load_saes
@@ -96,6 +96,22 @@ def test_ablation_target_and_relative_mse() -> None:
     assert float(relative_mse(2 * h, h, valid)) == pytest.approx(1.0)
 
 
+def test_retain_kl_by_hand(loaded) -> None:
+    h = torch.randn(2, 5, 64)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([1, 0, 4])
+    assert float(retain_kl(loaded.model, h, h, rows, cols)) == pytest.approx(0.0, abs=1e-6)
+    moved = h.clone().requires_grad_(True)
+    with torch.no_grad():
+        moved[0, 1] += 3.0
+    kl = retain_kl(loaded.model, h, moved, rows, cols)
+    logits = loaded.model.lm_head(torch.stack([h[0, 1], moved[0, 1]])).float()
+    p, q = torch.log_softmax(logits, -1)
+    assert kl.item() == pytest.approx(float((p.exp() * (p - q)).sum()) / 3, rel=1e-4)
+    kl.backward()
+    assert moved.grad is not None and float(moved.grad[0, 1].abs().sum()) > 0
+    assert float(moved.grad[0, 3].abs().sum()) == 0.0  # a position the term does not read
+
+
 def test_method_options_are_checked() -> None:
     with pytest.raises(UserError, match="unknown method 'forget'"):
         method_config("forget", {})
@@ -137,6 +153,16 @@ def test_crisp_run_dir_apply_and_export(setup, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="inference-time intervention"):
         run_clamp = unlearn("clamp", loaded, pack, tmp_path / "clamp", saes=saes, sae_spec=spec, features=selection)
         export_merged(loaded, run_clamp, tmp_path / "merged")
+
+
+def test_crisp_retain_kl_term_is_logged(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    options = _crisp_options(retain_kl_weight=1.0, retain_kl_positions=8)
+    run = unlearn(
+        "crisp", loaded, pack, tmp_path / "run", options=options, saes=saes, sae_spec=spec, features=selection
+    )
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["retain_kl"] >= 0 for r in records) and records[-1]["retain_kl"] > 0
 
 
 def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
