@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--method", default="crisp")
     parser.add_argument("--set", dest="common", default="", help="method options shared by every --try")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per paragraph for statistics")
+    parser.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     parser.add_argument("--try", dest="tries", action="append", default=[], help="options of one setting")
     args = parser.parse_args()
     loaded = load_model(args.model)
@@ -57,8 +58,9 @@ def main() -> None:
     cfg.fluency_tokens = 20
     header = f"{'setting':60s} {' '.join(f'{r:5s}' for r in RINGS)}  retain  generic  forget  fluency react  time"
     print(header)
-    start = time.perf_counter()
-    print(row("base", evaluate(loaded, pack, None, cfg=cfg), time.perf_counter() - start), flush=True)
+    if not args.skip_base:
+        start = time.perf_counter()
+        print(row("base", evaluate(loaded, pack, None, cfg=cfg), time.perf_counter() - start), flush=True)
     for spec in args.tries or [""]:
         opts = parse_options(spec.split()) if spec else {}
         feat_opts = {k.split(".", 1)[1]: v for k, v in opts.items() if k.startswith("features.")}

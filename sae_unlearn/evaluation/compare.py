@@ -46,6 +46,7 @@ class CompareConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     k: int = 10
     max_length: int = 256  # tokens per paragraph for feature statistics
+    examples_from: int | None = None  # paragraphs per corpus read for the feature report's contexts
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -73,7 +74,9 @@ def compare(
         say("feature selection")
         saes = load_saes_for(loaded, cfg.sae)
         strategy = make_strategy(cfg.strategy, k=cfg.k, **cfg.strategy_options)
-        selection = find_features(loaded, saes, pack, strategy, k=cfg.k, max_length=cfg.max_length)
+        selection = find_features(
+            loaded, saes, pack, strategy, k=cfg.k, max_length=cfg.max_length, examples_from=cfg.examples_from
+        )
         selection.write(out / "features")
     results: dict[str, Any] = {
         "version": 1,

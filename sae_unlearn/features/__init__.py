@@ -124,9 +124,14 @@ def find_features(
     with_examples: bool = True,
     batch_size: int = 8,
     max_length: int = 256,
+    examples_from: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FeatureSelection:
-    """Compute statistics on the pack's training splits and select features with `strategy`."""
+    """Compute statistics on the pack's training splits and select features with `strategy`.
+
+    `examples_from`: read the selected features' top contexts from at most this many paragraphs of
+    each corpus (None: all of them; the statistics always use all).
+    """
     if isinstance(strategy, str):
         strategy = make_strategy(strategy, k=k)
     forget, retain = pack.forget_split("train"), pack.retain_split("train")
@@ -167,7 +172,8 @@ def find_features(
         stats=stats,
     )
     if with_examples:
+        corpora = {"forget": forget[:examples_from], "retain": retain[:examples_from]}
         selection.examples = collect_examples(
-            loaded, saes, selected, {"forget": forget, "retain": retain}, batch_size=batch_size, max_length=max_length
+            loaded, saes, selected, corpora, batch_size=batch_size, max_length=max_length
         )
     return selection
