@@ -381,7 +381,7 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs."""
-    minutes = "~13" if fast else "~50 (not yet timed end to end)"
+    minutes = "~8" if fast else "~36"
     console.print(
         f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
         f"estimated {minutes} minutes on 2 CPU cores"
