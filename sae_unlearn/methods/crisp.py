@@ -35,7 +35,7 @@ from sae_unlearn.methods.persistent import (
     relative_mse,
     tokenize,
 )
-from sae_unlearn.saes.loading import LoadedSAE
+from sae_unlearn.saes.loading import LoadedSAE, pre_activations
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,6 @@ class CrispConfig:
             self.lora_alpha = 2 * self.lora_r
 
 
-def _pre_acts(sae: Any, x: torch.Tensor) -> torch.Tensor:
-    sae_in = sae.process_sae_in(x)
-    pre = sae_in @ sae.W_enc + sae.b_enc
-    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-        pre = pre * sae.W_dec.norm(dim=-1)
-    return pre
-
-
 def published_unlearn_loss(
     sae: Any,
     adapted: torch.Tensor,
@@ -93,7 +85,7 @@ def published_unlearn_loss(
     alpha: float,
 ) -> torch.Tensor:
     """Mean selected activation after the margin, on valid tokens where the frozen model had it active."""
-    pre = _pre_acts(sae, adapted.to(sae.W_enc.dtype))
+    pre = pre_activations(sae, adapted.to(sae.W_enc.dtype))
     margin = (alpha * pre.mean(-1, keepdim=True)).abs()
     pre = pre.index_add(-1, features, margin.expand(*pre.shape[:-1], len(features)))
     acts = sae.activation_fn(pre)[..., features]

@@ -47,6 +47,14 @@ class LoadedSAE:
         return self.sae.cfg.metadata.get("neuronpedia_id")
 
 
+def pre_activations(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's hidden pre-activations as its own `encode` computes them, before the activation function."""
+    pre = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        pre = pre * sae.W_dec.norm(dim=-1)
+    return pre
+
+
 def encode_topk_sparse(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, latent ids) [..., k] of a TopK SAE's encoding, exactly as `sae.encode` computes them but
     without scattering into a dense [..., d_sae] tensor; None for other architectures."""
@@ -54,10 +62,7 @@ def encode_topk_sparse(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     if not isinstance(sae, TopKSAE | TopKTrainingSAE):
         return None
-    hidden_pre = sae.process_sae_in(x) @ sae.W_enc + sae.b_enc
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
-    values, ids = hidden_pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
+    values, ids = pre_activations(sae, x).topk(int(sae.cfg.k), dim=-1, sorted=False)
     return values.relu(), ids
 
 
