@@ -86,8 +86,12 @@ def train_sae(
     context_size: Annotated[int, typer.Option(help="tokens per sequence, BOS included")] = 128,
     sae_batch_tokens: Annotated[int, typer.Option(help="tokens per SAE optimiser step")] = 1024,
     normalize: Annotated[
-        str, typer.Option(help="per_dim (default; folded into the saved weights) or none")
-    ] = "per_dim",
+        str,
+        typer.Option(
+            help="input scale per dimension, folded into the saved weights: "
+            "sqrt_per_dim (x / sqrt(std)), per_dim (x / std) or none"
+        ),
+    ] = "sqrt_per_dim",
     outlier_factor: Annotated[
         float, typer.Option(help="skip tokens whose norm exceeds this multiple of the median")
     ] = 4.0,

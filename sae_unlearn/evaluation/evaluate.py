@@ -11,7 +11,7 @@ results.json schema (version 1), one object per evaluated model:
      "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
      "adversarial": {"templates": {name: acc}, "worst_case": acc} | null,
      "relearning": {"steps", "lr", "paragraphs", "curve": [{"step", "target_acc"}]} | null,
-     "lm_eval": {task: {metric: value}} | null, "seconds"}
+     "lm_eval": {task: {metric: value}} | null, "seconds", "stage_seconds": {stage: seconds}}
 """
 
 from __future__ import annotations
@@ -122,7 +122,18 @@ def evaluate(
 ) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     start = time.perf_counter()
-    say = progress or (lambda _msg: None)
+    stages: dict[str, float] = {}
+    current, since = "", start
+
+    def say(stage: str) -> None:
+        nonlocal current, since
+        now = time.perf_counter()
+        if current:
+            stages[current] = round(now - since, 1)
+        current, since = stage, now
+        if stage and progress is not None:
+            progress(stage)
+
     chosen = select_probes(pack, probes, cfg)
     method = read_config(run_dir)["method"] if run_dir is not None else "base"
     targets = [p for p in chosen if p.ring == "target"]
@@ -212,7 +223,9 @@ def evaluate(
         result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg, initial)
     else:
         result["relearning"] = None
+    say("")
     result["seconds"] = round(time.perf_counter() - start, 1)
+    result["stage_seconds"] = stages
     return result
 
 

@@ -2,8 +2,11 @@
 
 - logprob (default for models under ~1B parameters): the length-normalised log-probability of each
   option's text after "Question: {prompt}\\nAnswer:"; the highest wins.
-- letter (as WMDP/MMLU): options listed as A-D, compare the next-token logits of " A".." D"; also
-  counted under all cyclic permutations of the options (SAEBench: right only if right under all).
+- letter (as WMDP/MMLU): options listed as A-D, compare the next-token logits of " A".." D". Scored
+  under every cyclic rotation of the options, so the right answer sits under each letter once:
+  `letter` is the mean over rotations (a model that always says "B" scores chance, 25%, not 0% or
+  100% as it would if the right answer always sat under one letter), `letter_all_permutations` counts
+  a question right only if right under all of them (SAEBench).
 The lm_head is applied only at the positions that are scored.
 """
 
@@ -151,8 +154,9 @@ class Accuracy:
         return {"acc": self.acc, "ci95": list(self.ci), "n": self.n}
 
 
-def accuracy(correct: Sequence[bool] | np.ndarray) -> Accuracy:
-    values = np.asarray(correct, dtype=bool)
+def accuracy(correct: Sequence[bool] | Sequence[float] | np.ndarray) -> Accuracy:
+    """Mean correctness (per-question values may be fractions, e.g. the share of rotations right)."""
+    values = np.asarray(correct, dtype=float)
     return Accuracy(float(values.mean()) if len(values) else float("nan"), bootstrap_ci(values), len(values))
 
 
@@ -166,7 +170,7 @@ def score_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], letter: bo
         idx = [i for i, p in enumerate(probes) if p.ring == ring]
         entry = {"logprob": accuracy(lp_right[idx]).to_dict()}
         if letter_right is not None:
-            entry["letter"] = accuracy(letter_right[idx, 0]).to_dict()
+            entry["letter"] = accuracy(letter_right[idx].mean(1)).to_dict()
             entry["letter_all_permutations"] = accuracy(letter_right[idx].all(1)).to_dict()
         out["rings"][ring] = entry
     return out

@@ -11,7 +11,8 @@ Two objectives:
   contribution scaled by `ablation_scale` (error term kept), so the text stays on-distribution;
   retain and coherence terms are relative MSEs. Fluency of forget-prompt generations is checked
   every `fluency_every` steps and training stops (restoring the last fluent adapter) when the
-  base model's perplexity of them exceeds `max_fluency_ratio` x that of its own generations.
+  base model's perplexity of them exceeds `max_fluency_ratio` x that of its own generations, or
+  their repeated-3-gram share exceeds the base model's by more than `max_repetition_increase`.
 The frozen reference is the same model with the adapter disabled: no second copy in memory.
 """
 
@@ -66,6 +67,7 @@ class CrispConfig:
     retain_kl_positions: int = 64  # retain tokens per step that the KL term reads (the lm_head is the cost)
     fluency_every: int = 20
     max_fluency_ratio: float = 2.0
+    max_repetition_increase: float | None = 0.15  # over the base model's repeated-3-gram share; None: off
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -151,6 +153,7 @@ class CrispMethod(Method):
             cfg.checkpoint_every,
             fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
             max_fluency_ratio=cfg.max_fluency_ratio,
+            max_repetition_increase=cfg.max_repetition_increase,
         )
         return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
 

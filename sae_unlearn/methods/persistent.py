@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
+from sae_unlearn.evaluation.text import fluency_metrics
 from sae_unlearn.io import atomic_dir
 from sae_unlearn.methods.base import MethodContext
 from sae_unlearn.models.generation import generate
@@ -82,45 +83,34 @@ def forget_prompts(ctx: MethodContext, n: int = 4, words: int = 6) -> list[str]:
     return [" ".join(text.split()[:words]) for text in ctx.pack.forget_split("heldout")[:n]]
 
 
-@torch.no_grad()
-def continuation_nll(model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str]) -> float:
-    """Mean per-token NLL of each continuation given its prompt, under `model`."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for prompt, cont in zip(prompts, continuations, strict=True):
-        p_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        c_ids = tokenizer(cont, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-        if c_ids.shape[1] == 0:
-            continue
-        ids = torch.cat([p_ids, c_ids], dim=1)
-        logits = model(input_ids=ids).logits[0, p_ids.shape[1] - 1 : -1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, c_ids[0], reduction="sum"))
-        count += c_ids.shape[1]
-    return total / max(1, count)
+@dataclass
+class FluencyReading:
+    ratio: float  # base-model perplexity of the adapted model's continuations / of the base's own
+    repetition: float  # share of repeated word 3-grams in the adapted model's continuations
 
 
 class FluencyCheck:
-    """Base-model perplexity of the adapted model's greedy continuations of forget prompts, as a ratio
-    to the base model's perplexity of its own continuations (1.0 = as fluent as the base model)."""
+    """Greedy continuations of forget prompts, scored as in evaluation (`fluency_metrics`): the base
+    model's perplexity of them relative to its own continuations, and their repeated-3-gram share."""
 
     def __init__(self, peft_model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 24) -> None:
         self.tokenizer, self.prompts, self.new_tokens = tokenizer, prompts, new_tokens
         with peft_model.disable_adapter():
-            base = generate(peft_model, tokenizer, prompts, new_tokens)
-            self.base_nll = continuation_nll(peft_model, tokenizer, prompts, base)
+            base = fluency_metrics(peft_model, tokenizer, prompts, generate(peft_model, tokenizer, prompts, new_tokens))
+        self.base_ppl, self.base_repetition = base["base_ppl"], base["repeated_3gram_share"]
 
-    def ratio(self, peft_model: Any) -> float:
+    def read(self, peft_model: Any) -> FluencyReading:
         was_training = peft_model.training
         peft_model.eval()
         texts = generate(peft_model, self.tokenizer, self.prompts, self.new_tokens)
         with peft_model.disable_adapter():
-            nll = continuation_nll(peft_model, self.tokenizer, self.prompts, texts)
+            metrics = fluency_metrics(peft_model, self.tokenizer, self.prompts, texts)
         peft_model.train(was_training)
         log.info(
             "fluency check: %s",
             " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)),
         )
-        return float(torch.exp(torch.tensor(nll - self.base_nll)))
+        return FluencyReading(metrics["base_ppl"] / self.base_ppl, metrics["repeated_3gram_share"])
 
 
 class AdapterTrainer:
@@ -206,12 +196,23 @@ class AdapterTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(
-        self, loss_fn: LossFn, steps: int, checkpoint_every: int, fluency_every: int = 0, max_fluency_ratio: float = 2.0
+        self,
+        loss_fn: LossFn,
+        steps: int,
+        checkpoint_every: int,
+        fluency_every: int = 0,
+        max_fluency_ratio: float = 2.0,
+        max_repetition_increase: float | None = None,
     ) -> dict[str, Any]:
+        """Early stopping (when `fluency_every`): training ends, restoring the last fluent adapter, once
+        the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share exceeds the base
+        model's by more than `max_repetition_increase`."""
         ctx = self.ctx
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         fluent = self.load_checkpoint() if ctx.resume else None
         check = FluencyCheck(self.model, ctx.loaded.tokenizer, forget_prompts(ctx)) if fluency_every else None
+        if check is not None and fluent is None and self.state.step == 0:
+            fluent = self._adapter_tensors()  # the untrained adapter: what a failed first check restores
         try:
             while self.state.step < steps and not self.state.stopped_early:
                 self.model.train()
@@ -228,13 +229,21 @@ class AdapterTrainer:
                 self.state.step += 1
                 record = {"step": self.state.step, "total": float(total.detach()), **terms}
                 if check is not None and self.state.step % fluency_every == 0:
-                    ratio = check.ratio(self.model)
-                    record["fluency_ratio"] = ratio
-                    if ratio > max_fluency_ratio:
+                    reading = check.read(self.model)
+                    ratio = reading.ratio
+                    record["fluency_ratio"], record["repetition"] = ratio, reading.repetition
+                    repetitive = (
+                        max_repetition_increase is not None
+                        and reading.repetition > check.base_repetition + max_repetition_increase
+                    )
+                    if ratio > max_fluency_ratio or repetitive:
                         log.warning(
-                            "fluency ratio %.2f > %.2f at step %d: keeping the adapter of step %d",
+                            "fluency ratio %.2f (max %.2f), repeated 3-grams %.2f (base %.2f) at step %d: "
+                            "keeping the adapter of step %d",
                             ratio,
                             max_fluency_ratio,
+                            reading.repetition,
+                            check.base_repetition,
                             self.state.step,
                             self.state.last_fluent_step,
                         )

@@ -31,6 +31,12 @@ from sae_unlearn.models.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 
+# Exponent of each dimension's std in its scale. per_dim gives Gemma 3's few huge dimensions no more
+# weight than any other, so raw-space FVE suffers; none lets them dominate; sqrt_per_dim is between
+# (block 12, same budget: raw FVE 0.718 / 0.780 / 0.792, scaled 0.762 / 0.736 / 0.655 for 1 / 0.5 / 0).
+NORMALIZATION_EXPONENTS = {"per_dim": 1.0, "sqrt_per_dim": 0.5, "none": 0.0}
+
+
 @dataclass
 class SAETrainingConfig:
     layers: list[int]
@@ -47,7 +53,7 @@ class SAETrainingConfig:
     aux_loss_coefficient: float = 1 / 32
     dead_after_tokens: int = 250_000
     outlier_factor: float = 4.0
-    normalize: str = "per_dim"
+    normalize: str = "sqrt_per_dim"  # per_dim: x / std; sqrt_per_dim: x / sqrt(std); none: one global scale
     norm_estimate_tokens: int = 32768
     checkpoint_every: int = 200
     seed: int = 0
@@ -57,8 +63,8 @@ class SAETrainingConfig:
     def __post_init__(self) -> None:
         if self.encoder_matmul_dtype not in ("bfloat16", "float32"):
             raise UserError(f"unknown encoder matmul dtype {self.encoder_matmul_dtype!r}", "use bfloat16 or float32")
-        if self.normalize not in ("per_dim", "none"):
-            raise UserError(f"unknown normalisation {self.normalize!r}", "use per_dim or none")
+        if self.normalize not in NORMALIZATION_EXPONENTS:
+            raise UserError(f"unknown normalisation {self.normalize!r}", "use sqrt_per_dim, per_dim or none")
         if self.k < 1 or self.expansion < 1:
             raise UserError("k and expansion must be positive")
 
@@ -140,10 +146,8 @@ def estimate_norm_stats(batches: Iterator[dict[int, torch.Tensor]], cfg: SAETrai
         max_norm = float(cfg.outlier_factor * norms.median())
         keep = x[norms <= max_norm]
         mean = keep.mean(0)
-        if cfg.normalize == "per_dim":
-            scale = keep.std(0).clamp_min(1e-6)
-        else:
-            scale = torch.full_like(mean, float((keep - mean).norm(dim=-1).mean() / math.sqrt(x.shape[1])))
+        scale = keep.std(0).clamp_min(1e-6) ** NORMALIZATION_EXPONENTS[cfg.normalize]
+        scale = scale * float(((keep - mean) / scale).norm(dim=-1).mean() / math.sqrt(x.shape[1]))
         stats[layer] = NormStats(mean, scale, max_norm)
         top = (keep.var(0) / keep.var(0).sum()).topk(3).values.tolist()
         log.info(

@@ -49,8 +49,17 @@ def test_letter_permutation_rule(loaded) -> None:
     for ring, idx in (("target", 0), ("far", 1)):
         entry = result["rings"][ring]
         assert entry["letter_all_permutations"]["acc"] == float(right[idx].all())
-        assert entry["letter"]["acc"] == float(right[idx, 0])
+        assert entry["letter"]["acc"] == float(right[idx].mean())
         assert entry["letter_all_permutations"]["acc"] <= entry["letter"]["acc"]
+
+
+def test_a_constant_letter_scores_chance(loaded, monkeypatch) -> None:
+    import sae_unlearn.evaluation.scoring as scoring
+
+    # always answering "B": right in exactly one of the four rotations of every question
+    monkeypatch.setattr(scoring, "letter_choices", lambda *a, **k: np.tile([False, True, False, False], (2, 1)))
+    for entry in score_probes(loaded.model, loaded.tokenizer, PROBES)["rings"].values():
+        assert entry["letter"]["acc"] == 0.25 and entry["letter_all_permutations"]["acc"] == 0.0
 
 
 def test_bootstrap_ci_on_known_data() -> None:

@@ -165,6 +165,34 @@ def test_crisp_retain_kl_term_is_logged(setup, tmp_path: Path) -> None:
     assert all(r["retain_kl"] >= 0 for r in records) and records[-1]["retain_kl"] > 0
 
 
+@pytest.mark.parametrize("limits", [{"max_fluency_ratio": 0.0}, {"max_repetition_increase": -1.0}])
+def test_crisp_fluency_check_stops_and_restores_the_last_fluent_adapter(setup, tmp_path: Path, limits) -> None:
+    loaded, saes, pack, selection, spec = setup
+    options = _crisp_options(fluency_every=2, steps=6, **limits)
+    run = unlearn(
+        "crisp", loaded, pack, tmp_path / "run", options=options, saes=saes, sae_spec=spec, features=selection
+    )
+    result = json.loads((run / "config.json").read_text())["result"]
+    assert result["stopped_early"] and result["steps_done"] == 2 and result["last_fluent_step"] == 0
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert "repetition" in records[-1] and "fluency_ratio" in records[-1]
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        base = loaded.model(input_ids=ids).logits
+        with apply(loaded, run) as model:  # the untrained adapter was restored: the base model's logits
+            torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+def test_crisp_fluency_check_lets_fluent_training_run(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    options = _crisp_options(fluency_every=2, steps=4, max_fluency_ratio=1e9, max_repetition_increase=None)
+    run = unlearn(
+        "crisp", loaded, pack, tmp_path / "run", options=options, saes=saes, sae_spec=spec, features=selection
+    )
+    result = json.loads((run / "config.json").read_text())["result"]
+    assert not result["stopped_early"] and result["steps_done"] == 4 and result["last_fluent_step"] == 4
+
+
 def test_crisp_resume_gives_the_same_adapter(setup, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
