@@ -287,6 +287,7 @@ def eval_(
 
 def _run_compare(
     out: Path,
+    *,
     concept: str,
     model: str,
     sae: str,
@@ -368,7 +369,19 @@ def compare_cmd(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Run several methods on one concept pack and evaluate them beside the base model."""
-    _run_compare(out, concept, model, sae, methods, k, fast, overwrite, dtype, device, set_)
+    _run_compare(
+        out,
+        concept=concept,
+        model=model,
+        sae=sae,
+        methods=methods,
+        k=k,
+        fast=fast,
+        overwrite=overwrite,
+        dtype=dtype,
+        device=device,
+        set_=set_,
+    )
 
 
 @app.command()
@@ -389,16 +402,16 @@ def demo(
     # statistics over the first 128 tokens of each paragraph: the setting the defaults were tuned with
     _run_compare(
         out,
-        "harry-potter",
-        "embedded",
-        "shipped",
-        methods,
-        10,
-        fast,
-        overwrite,
-        "auto",
-        "cpu",
-        set_,
+        concept="harry-potter",
+        model="embedded",
+        sae="shipped",
+        methods=methods,
+        k=10,
+        fast=fast,
+        overwrite=overwrite,
+        dtype="auto",
+        device="cpu",
+        set_=set_,
         letter=not fast,
         max_length=128,
     )

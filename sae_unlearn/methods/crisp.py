@@ -31,6 +31,7 @@ from sae_unlearn.evaluation.scoring import lm_head_logits
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
+    FrozenReference,
     default_lora_layers,
     hidden_at_layers,
     relative_mse,
@@ -171,6 +172,10 @@ class _CrispLoss:
         self.coherence = ctx.pack.coherence
         if len(self.forget) < cfg.batch_size or len(self.retain) < cfg.batch_size:
             raise UserError("the forget or retain split is smaller than one batch", "lower --batch-size or add text")
+        self.kl = cfg.objective == "ablation" and cfg.retain_kl_weight > 0
+        self.frozen_forget = FrozenReference(self.layers)
+        self.frozen_retain = FrozenReference(self.layers, final=self.kl)
+        self.frozen_coherence = FrozenReference(None)
 
     def _batch(self, texts: list[str], step: int, salt: int) -> list[str]:
         per_epoch = len(texts) // self.cfg.batch_size
@@ -181,17 +186,16 @@ class _CrispLoss:
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, loaded = self.cfg, self.ctx.loaded
-        forget = tokenize(loaded.tokenizer, self._batch(self.forget, step, 1), cfg.max_length, loaded.device)
-        retain = tokenize(loaded.tokenizer, self._batch(self.retain, step, 2), cfg.max_length, loaded.device)
-        coherence = tokenize(
-            loaded.tokenizer, [self.coherence[step % len(self.coherence)]], cfg.max_length, loaded.device
-        )
+        forget_texts, retain_texts = self._batch(self.forget, step, 1), self._batch(self.retain, step, 2)
+        coherence_texts = [self.coherence[step % len(self.coherence)]]
+        forget = tokenize(loaded.tokenizer, forget_texts, cfg.max_length, loaded.device)
+        retain = tokenize(loaded.tokenizer, retain_texts, cfg.max_length, loaded.device)
+        coherence = tokenize(loaded.tokenizer, coherence_texts, cfg.max_length, loaded.device)
 
-        kl = cfg.objective == "ablation" and cfg.retain_kl_weight > 0
-        with model.disable_adapter(), torch.no_grad():
-            frozen_f = hidden_at_layers(model, forget, self.layers)
-            frozen_r = hidden_at_layers(model, retain, self.layers, final=kl)
-            frozen_c = hidden_at_layers(model, coherence, None)
+        kl = self.kl
+        frozen_f = self.frozen_forget(model, forget_texts, forget)
+        frozen_r = self.frozen_retain(model, retain_texts, retain)
+        frozen_c = self.frozen_coherence(model, coherence_texts, coherence)
         adapted_f = hidden_at_layers(model, forget, self.layers)
         adapted_r = hidden_at_layers(model, retain, self.layers, final=kl)
         adapted_c = hidden_at_layers(model, coherence, None)

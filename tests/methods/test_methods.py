@@ -259,3 +259,34 @@ def test_apply_refuses_another_base_model(setup, tmp_path: Path) -> None:
     other = type(loaded)(loaded.model, loaded.tokenizer, "other-model", "other-source", 0.0)
     with pytest.raises(UserError, match="was made for model 'tiny-llama'"), apply(other, run):
         pass
+
+
+def test_frozen_reference_reuses_states_that_match_a_fresh_pass(loaded) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from sae_unlearn.methods.persistent import FrozenReference, hidden_at_layers, tokenize
+
+    model = get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    try:
+        texts = ["a short one", "a somewhat longer text about the old mill by the river", "mid length text here"]
+        reference = FrozenReference([0, 1], final=True)
+        for batch_texts in (texts[:2], texts[1:]):
+            reference(model, batch_texts, tokenize(loaded.tokenizer, batch_texts, 32, loaded.device))
+        assert set(reference.store) == set(texts) and reference.bytes > 0
+        order = [texts[2], texts[0], texts[1]]
+        batch = tokenize(loaded.tokenizer, order, 32, loaded.device)
+        cached = reference(model, order, batch)
+        with model.disable_adapter(), torch.no_grad():
+            fresh = hidden_at_layers(model, batch, [0, 1], final=True)
+        valid = batch.attention_mask.bool()
+        for layer in (0, 1):
+            torch.testing.assert_close(cached.hidden[layer][valid], fresh.hidden[layer][valid])
+        torch.testing.assert_close(cached.final[valid], fresh.final[valid])
+        with torch.no_grad():
+            adapted = hidden_at_layers(model, batch, [1]).hidden[1]
+        assert not torch.allclose(adapted[valid], fresh.hidden[1][valid])  # the adapter was really disabled
+        capped = FrozenReference([0], max_bytes=0)
+        capped(model, order, batch)
+        assert not capped.store
+    finally:
+        loaded.model = model.unload()
