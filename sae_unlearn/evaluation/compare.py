@@ -34,6 +34,7 @@ GOALS = {
     "near_drop_max_points": 8,
     "retain_ppl_rise_max": 0.05,
     "forget_prompt_fluency_ratio_max": 2.0,
+    "forget_prompt_repetition_rise_max": 0.0,  # repeated-3-gram share: no worse than the base model
     "relearn_recovery_max": 0.5,
 }
 

@@ -106,6 +106,10 @@ def _measure(key: str, b: Any, c: Any) -> float | None:
             _num(_get(c, "fluency", "forget_prompts", "base_ppl")),
             _num(_get(b, "fluency", "forget_prompts", "base_ppl")),
         ),
+        "forget_prompt_repetition_rise_max": lambda: _sub(
+            _num(_get(c, "fluency", "forget_prompts", "repeated_3gram_share")),
+            _num(_get(b, "fluency", "forget_prompts", "repeated_3gram_share")),
+        ),
         "relearn_recovery_max": lambda: (
             _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1])) if curve else None
         ),

@@ -7,18 +7,11 @@ from html.parser import HTMLParser
 
 import pytest
 
+from sae_unlearn.evaluation.compare import GOALS as COMPARE_GOALS
 from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report
 
 EVIL = "<b>& it"
-GOALS = {
-    "target_within_chance_points": 10,
-    "far_drop_max_points": 2,
-    "near_drop_max_points": 8,
-    "retain_ppl_rise_max": 0.05,
-    "forget_prompt_fluency_ratio_max": 2.0,
-    "relearn_recovery_max": 0.5,
-    "custom_goal": 3,
-}
+GOALS = {**COMPARE_GOALS, "custom_goal": 3}
 
 
 def _acc(acc: float | None) -> dict:
@@ -91,6 +84,7 @@ def results() -> dict:
         ),
     }
     methods["clamp"]["fluency"]["coherence"] = None
+    methods["crisp"]["fluency"]["forget_prompts"]["repeated_3gram_share"] = 0.25
     return {
         "version": 1,
         "concept": "harry_potter",
@@ -111,6 +105,7 @@ def test_goals_hand_checked(results: dict) -> None:
     assert rows["forget_prompt_fluency_ratio_max"][1] == pytest.approx(2.5)
     assert rows["forget_prompt_fluency_ratio_max"][2] is False
     assert rows["relearn_recovery_max"][1] == pytest.approx(0.25) and rows["relearn_recovery_max"][2] is True
+    assert rows["forget_prompt_repetition_rise_max"][1:] == (pytest.approx(0.25), False)
     assert rows["custom_goal"] == (3, None, None)
 
 
