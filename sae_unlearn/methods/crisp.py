@@ -52,7 +52,7 @@ class CrispConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     lora_layers: list[int] | None = None  # default: from one below the first SAE layer to the deepest
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 4
     max_length: int = 128
     lr: float = 1e-3  # published: 1e-5 (Gemma-2-2B, 625 steps); third parties 1e-4..5e-4
