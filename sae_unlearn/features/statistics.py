@@ -71,18 +71,27 @@ def iter_batches(
         )
 
 
+def _resid_and_mask(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """resid_post at the SAEs' layers (one forward pass, stopped at the deepest) and the valid-token mask."""
+    ids = batch["input_ids"].to(loaded.device)
+    attn = batch["attention_mask"].to(loaded.device)
+    with torch.no_grad():
+        acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
+    return acts, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+
+
 def encode_layers(
     loaded: LoadedModel,
     saes: Sequence[LoadedSAE],
     batch: dict[str, torch.Tensor],
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """SAE latents [B, T, d_sae] per layer for one batch, and the valid-token mask [B, T]."""
-    ids = batch["input_ids"].to(loaded.device)
-    attn = batch["attention_mask"].to(loaded.device)
+    acts, mask = _resid_and_mask(loaded, saes, batch)
     with torch.no_grad():
-        acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
         latents = {s.layer: s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype)).float() for s in saes}
-    return latents, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+    return latents, mask
 
 
 def encode_valid_tokens(
@@ -90,12 +99,9 @@ def encode_valid_tokens(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
     """Per layer, the latents of the valid tokens only (BOS/padding never encoded): (values, ids) [N, k]
     for TopK SAEs, else a dense [N, d_sae] tensor."""
-    ids = batch["input_ids"].to(loaded.device)
-    attn = batch["attention_mask"].to(loaded.device)
-    mask = valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+    acts, mask = _resid_and_mask(loaded, saes, batch)
     out: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
     with torch.no_grad():
-        acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
         for s in saes:
             x = acts[s.layer][mask].to(s.sae.W_enc.dtype)
             out[s.layer] = encode_topk_sparse(s.sae, x) or s.sae.encode(x)
