@@ -1,0 +1,91 @@
+"""Compare SAE input normalisations on one layer at a fixed budget: raw-space and per-dimension-scaled
+held-out FVE. Activations are captured once and cached in memory, then one TopK SAE per setting trains
+on them with the trainer's own loss (`topk_training_losses`) and learning-rate shape.
+
+    python scripts/normalisation_experiment.py --layer 12 --tokens 150000 --passes 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+import torch
+
+from sae_unlearn.concepts.corpus import read_corpus
+from sae_unlearn.models.loading import load_model
+from sae_unlearn.saes.training import (
+    NORMALIZATION_EXPONENTS,
+    SAETrainingConfig,
+    _batched,
+    _new_sae,
+    layer_activations,
+    pack_sequences,
+    topk_training_losses,
+)
+
+log = logging.getLogger("normalisation_experiment")
+
+
+def capture(loaded, texts: list[str], layer: int, n_tokens: int, seed: int) -> torch.Tensor:
+    chunks, n = [], 0
+    for ids in _batched(pack_sequences(texts, loaded.tokenizer, 128, seed), 16):
+        chunks.append(layer_activations(loaded, ids, [layer])[layer])
+        n += chunks[-1].shape[0]
+        if n >= n_tokens:
+            break
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=150_000)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--corpus", default="data/generic/train.txt")
+    parser.add_argument("--heldout", default="data/generic/heldout.txt")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    loaded = load_model("embedded")
+    cfg = SAETrainingConfig(layers=[args.layer])
+    train = capture(loaded, read_corpus(args.corpus), args.layer, args.tokens, 5)
+    held = capture(loaded, read_corpus(args.heldout), args.layer, 9000, 1234)
+    limit = cfg.outlier_factor * train.norm(dim=-1).median()
+    train, held = train[train.norm(dim=-1) <= limit], held[held.norm(dim=-1) <= limit]
+    mean, std = train.mean(0), train.std(0)
+    bs = cfg.sae_batch_tokens
+    total = args.passes * (train.shape[0] // bs)
+    for name, exponent in NORMALIZATION_EXPONENTS.items():
+        scale = std.clamp_min(1e-6) ** exponent
+        scale = scale * float(((train - mean) / scale).norm(dim=-1).mean() / math.sqrt(train.shape[1]))
+        x_train = (train - mean) / scale
+        sae = _new_sae(cfg, train.shape[1], args.layer, "embedded")
+        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+        since_fired, step = torch.zeros(sae.cfg.d_sae), 0
+        for _ in range(args.passes):
+            perm = torch.randperm(x_train.shape[0])
+            for b in range(x_train.shape[0] // bs):
+                warm = min(1.0, (step + 1) / cfg.lr_warmup_steps)
+                end = cfg.lr_end_fraction
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * warm * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * step / total)))
+                batch, dead = x_train[perm[b * bs : (b + 1) * bs]], since_fired > cfg.dead_after_tokens
+                mse, aux, _, fired = topk_training_losses(sae, batch, dead, torch.bfloat16)
+                opt.zero_grad()
+                (mse + aux).backward()
+                opt.step()
+                step += 1
+                since_fired += bs
+                since_fired[fired] = 0
+        with torch.no_grad():
+            recon = topk_training_losses(sae, (held - mean) / scale, None)[2] * scale + mean
+            err, centred, var = (recon - held) ** 2, (held - held.mean(0)) ** 2, held.var(0)
+            raw = 1 - float(err.sum() / centred.sum())
+            scaled = 1 - float((err / var).sum() / (centred / var).sum())
+        log.info("%-13s raw FVE %.3f  scaled FVE %.3f  (%d steps)", name, raw, scaled, step)
+
+
+if __name__ == "__main__":
+    main()
