@@ -13,6 +13,7 @@ perplexity, and the base model's perplexity of forget-prompt generations (fluenc
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +32,12 @@ def row(name: str, r: dict[str, Any], seconds: float) -> str:
     rings = r["probes"]["rings"]
     acc = " ".join(f"{rings[ring]['logprob']['acc']:.3f}" for ring in RINGS)
     ret = r["retention"]
-    flu = r["fluency"]["forget_prompts"]["base_ppl"]
+    flu = r["fluency"]["forget_prompts"]
     react = (r.get("reactivation") or {}).get("fraction", float("nan"))
     return (
         f"{name:60s} {acc}  {ret['retain_heldout_ppl']:7.2f} {ret['generic_ppl']:7.2f} "
-        f"{ret['forget_heldout_ppl']:8.1f} {flu:6.2f} {react:6.2f} {seconds:5.0f}s"
+        f"{ret['forget_heldout_ppl']:8.1f} {flu['base_ppl']:6.2f} {flu['repeated_3gram_share']:6.2f} "
+        f"{react:6.2f} {seconds:5.0f}s"
     )
 
 
@@ -55,8 +57,8 @@ def main() -> None:
     pack = load_pack(args.concept)
     saes = load_saes_for(loaded, args.sae)
     cfg = EvalConfig(probe_split="tune", letter=False, adversarial=False, relearn=False, max_ppl_texts=16)
-    cfg.fluency_tokens = 20
-    header = f"{'setting':60s} {' '.join(f'{r:5s}' for r in RINGS)}  retain  generic  forget  fluency react  time"
+    rings = " ".join(f"{r:5s}" for r in RINGS)
+    header = f"{'setting':60s} {rings}  retain  generic  forget  fluency repeat react  time"
     print(header)
     if not args.skip_base:
         start = time.perf_counter()
@@ -76,7 +78,10 @@ def main() -> None:
                 args.method, loaded, pack, Path(tmp) / "run", options=method_opts, saes=saes, features=selection
             )
             result = evaluate(loaded, pack, run, cfg=cfg)
+            summary = json.loads((run / "config.json").read_text()).get("result", {})
         print(row(spec or "defaults", result, time.perf_counter() - start), flush=True)
+        if summary.get("stopped_early"):
+            print(f"  stopped early: kept the adapter of step {summary['last_fluent_step']}", flush=True)
 
 
 if __name__ == "__main__":
