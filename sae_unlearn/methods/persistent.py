@@ -79,6 +79,9 @@ class FrozenReference:
         self.store: dict[str, Hidden] = {}
         self.bytes = 0
 
+    def clear(self) -> None:
+        self.store, self.bytes = {}, 0
+
     def __call__(self, model: Any, texts: Sequence[str], batch: Batch) -> Hidden:
         if all(t in self.store for t in texts):
             return self._assemble([self.store[t] for t in texts], batch.input_ids.shape[1])
