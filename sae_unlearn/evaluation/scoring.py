@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sae_unlearn.concepts.pack import Probe
-from sae_unlearn.models.hooks import _unwrap, decoder_body
+from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 
 LETTERS = "ABCDEFGH"
 
@@ -40,14 +40,6 @@ def logits_at(
     """Logits [n, vocab] at (rows, cols) only: the body runs once, the lm_head only where needed."""
     hidden = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return lm_head_logits(model, hidden[rows, cols])
-
-
-def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits of final hidden states (softcapped where the model does)."""
-    inner = _unwrap(model)
-    logits = inner.get_output_embeddings()(hidden).float()
-    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @torch.no_grad()

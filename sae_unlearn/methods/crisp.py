@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.scoring import lm_head_logits
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
@@ -37,6 +36,7 @@ from sae_unlearn.methods.persistent import (
     relative_mse,
     tokenize,
 )
+from sae_unlearn.models.hooks import lm_head_logits
 from sae_unlearn.saes.loading import LoadedSAE, pre_activations
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from sae_unlearn.models.hooks import decoder_body, lm_head_logits
+
 
 @torch.no_grad()
 def generate(
@@ -28,6 +30,7 @@ def generate(
     if not prompts:
         return []
     device = next(model.parameters()).device
+    body = decoder_body(model)
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     ids, mask = enc.input_ids, enc.attention_mask
@@ -39,16 +42,11 @@ def generate(
     step_ids = ids
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
-        res = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # the lm_head (262k rows on Gemma) only where the next token is read
+        res = body(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
         cache = res.past_key_values
-        logits = res.logits[:, -1].float()
+        logits = lm_head_logits(model, res.last_hidden_state[:, -1])  # the lm_head only where a token is read
         if temperature > 0:
             top, order = (logits / temperature).topk(top_k, dim=-1)
             pick = torch.multinomial(torch.softmax(top, -1).cpu(), 1, generator=gen).to(device)

@@ -183,3 +183,12 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         ids.discard(tokenizer.eos_token_id)  # padding is masked by attention_mask; eos as text stays
     return sorted(i for i in ids if i is not None)
+
+
+def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of final hidden states (softcapped where the model does)."""
+    inner = _unwrap(model)
+    # contiguous: a strided bfloat16 input sends torch's CPU linear down a path ~200x slower
+    logits = inner.get_output_embeddings()(hidden.contiguous()).float()
+    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
