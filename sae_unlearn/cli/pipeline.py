@@ -410,7 +410,7 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs."""
-    minutes = "~8" if fast else "~33"
+    minutes = "~7" if fast else "~31"
     console.print(
         f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
         f"estimated {minutes} minutes on 2 CPU cores"
