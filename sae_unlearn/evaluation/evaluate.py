@@ -198,16 +198,12 @@ def evaluate(
     }
     if "reactivation_levels" in result:
         levels = result.pop("reactivation_levels")
+        assert run_dir is not None and pack is not None  # levels are only measured for a run with a pack
         base = (
             base_levels
             if base_levels is not None
-            else feature_levels(
-                loaded,
-                loaded.model,
-                run_dir,  # type: ignore[arg-type]
-                pack.forget_split("heldout"),
-            )
-        )  # type: ignore[union-attr]
+            else feature_levels(loaded, loaded.model, run_dir, pack.forget_split("heldout"))
+        )
         per_layer = {str(k): (levels[k] / base[k] if base.get(k) else float("nan")) for k in levels}
         result["reactivation"] = {
             "fraction": sum(levels.values()) / max(1e-9, sum(base.values())),

@@ -53,14 +53,14 @@ def run_lm_eval(
             raise UserError(f"unknown lm-eval task '{name}'", _TASK_FIX)
 
     logger.info("lm-eval: tasks=%s limit=%s batch_size=%d", ",".join(tasks), limit, batch_size)
-    hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    output = lm_eval.simple_evaluate(
-        model=hflm, tasks=list(tasks), limit=limit, task_manager=task_manager, log_samples=False
-    )
+    # lm-eval's decorators hide these signatures from type checkers
+    hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)  # pyright: ignore[reportCallIssue]
+    options = {"model": hflm, "tasks": list(tasks), "limit": limit, "task_manager": task_manager}
+    output = lm_eval.simple_evaluate(**options, log_samples=False)  # pyright: ignore[reportCallIssue]
     if output is None:  # non-zero rank in a distributed run
         return {}
     results: dict[str, dict[str, float]] = {}
-    for task_name, metrics in output["results"].items():
+    for task_name, metrics in output["results"].items():  # pyright: ignore[reportTypedDictNotRequiredAccess]
         # Metric keys are "metric,filter" (e.g. "acc,none"); skip alias/sample_len and "N/A" or NaN stderrs.
         numeric = {
             key: float(value)

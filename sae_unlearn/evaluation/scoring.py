@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from sae_unlearn.concepts.pack import Probe
@@ -146,7 +147,7 @@ class Accuracy:
         return {"acc": self.acc, "ci95": list(self.ci), "n": self.n}
 
 
-def accuracy(correct: Sequence[bool] | Sequence[float] | np.ndarray) -> Accuracy:
+def accuracy(correct: npt.ArrayLike) -> Accuracy:
     """Mean correctness (per-question values may be fractions, e.g. the share of rotations right)."""
     values = np.asarray(correct, dtype=float)
     return Accuracy(float(values.mean()) if len(values) else float("nan"), bootstrap_ci(values), len(values))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ def collect_examples(
     loaded: LoadedModel,
     saes: Sequence[LoadedSAE],
     features: Sequence[SelectedFeature],
-    corpora: dict[str, Sequence[str]],
+    corpora: Mapping[str, Sequence[str]],
     n_top: int = 5,
     width: int = 16,
     batch_size: int = 8,

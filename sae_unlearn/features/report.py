@@ -152,7 +152,7 @@ def _card(f: SelectedFeature, ex: FeatureExamples | None, link: str | None) -> s
 
 def _header(sel: FeatureSelection) -> str:
     params = ", ".join(f"{_text(k)}={_text(repr(v))}" for k, v in sel.params.items()) or "none"
-    tokens = ", ".join(f"{_text(k)}: {_text(v)}" for k, v in sel.tokens.items())
+    tokens = ", ".join(f"{_text(k)}: {_text(str(v))}" for k, v in sel.tokens.items())
     saes = "".join(
         f"<tr><td>{_text(s.get('layer', ''))}</td><td>{_text(s.get('spec', ''))}</td>"
         f"<td>{_text(s.get('d_sae', ''))}</td><td>{_text(s.get('neuronpedia_id') or '')}</td></tr>"

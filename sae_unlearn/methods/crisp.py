@@ -215,20 +215,24 @@ class _CrispLoss:
                 unlearn = unlearn + relative_mse(adapted_f.hidden[layer], target, forget.valid)
         unlearn = unlearn / len(self.layers)
 
+        assert adapted_c.final is not None and frozen_c.final is not None  # layers=None: the final state
         if cfg.objective == "published":
-            retain_loss = sum(
-                ((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
-                for layer in self.layers
-            ) / len(self.layers)
+            retain_loss = torch.stack(
+                [
+                    ((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
+                    for layer in self.layers
+                ]
+            ).mean()
             coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[coherence.valid].mean()
             total = (1 - cfg.beta) * unlearn + cfg.beta * retain_loss + cfg.beta * cfg.gamma * coherence_loss
         else:
-            retain_loss = sum(
-                relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid) for layer in self.layers
-            ) / len(self.layers)
+            retain_loss = torch.stack(
+                [relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid) for layer in self.layers]
+            ).mean()
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
             total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
             if kl:
+                assert adapted_r.final is not None and frozen_r.final is not None
                 rows, cols = retain.valid.nonzero(as_tuple=True)
                 pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + step))
                 pick = pick[: cfg.retain_kl_positions].to(rows.device)

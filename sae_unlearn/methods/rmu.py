@@ -64,7 +64,7 @@ class RmuMethod(Method):
         params: dict[str, torch.nn.Parameter] = {}
         for u in update:
             module = blocks[u].get_submodule(cfg.param_name)
-            params[f"{u}.{cfg.param_name}.weight"] = module.weight
+            params[f"{u}.{cfg.param_name}.weight"] = module.weight  # type: ignore[assignment]
         originals = {k: p.detach().clone() for k, p in params.items()}
         for p in params.values():
             p.requires_grad_(True)

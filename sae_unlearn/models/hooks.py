@@ -44,7 +44,7 @@ def parse_hook_name(name: str) -> int:
     return int(match.group(1))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: Any) -> Any:
     """The HF model inside a peft.PeftModel (LoRA layers stay in place, so they still run)."""
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and type(model).__name__.startswith("Peft"):
