@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
 import torch
 
@@ -21,6 +20,8 @@ from sae_unlearn.saes.training import (
     _batched,
     _new_sae,
     layer_activations,
+    learning_rate,
+    normalization_scale,
     pack_sequences,
     topk_training_losses,
 )
@@ -54,12 +55,11 @@ def main() -> None:
     held = capture(loaded, read_corpus(args.heldout), args.layer, 9000, 1234)
     limit = cfg.outlier_factor * train.norm(dim=-1).median()
     train, held = train[train.norm(dim=-1) <= limit], held[held.norm(dim=-1) <= limit]
-    mean, std = train.mean(0), train.std(0)
+    mean = train.mean(0)
     bs = cfg.sae_batch_tokens
     total = args.passes * (train.shape[0] // bs)
-    for name, exponent in NORMALIZATION_EXPONENTS.items():
-        scale = std.clamp_min(1e-6) ** exponent
-        scale = scale * float(((train - mean) / scale).norm(dim=-1).mean() / math.sqrt(train.shape[1]))
+    for name in NORMALIZATION_EXPONENTS:
+        scale = normalization_scale(train, mean, name)
         x_train = (train - mean) / scale
         sae = _new_sae(cfg, train.shape[1], args.layer, "embedded")
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
@@ -67,10 +67,8 @@ def main() -> None:
         for _ in range(args.passes):
             perm = torch.randperm(x_train.shape[0])
             for b in range(x_train.shape[0] // bs):
-                warm = min(1.0, (step + 1) / cfg.lr_warmup_steps)
-                end = cfg.lr_end_fraction
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * warm * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * step / total)))
+                    group["lr"] = learning_rate(step, total, cfg)
                 batch, dead = x_train[perm[b * bs : (b + 1) * bs]], since_fired > cfg.dead_after_tokens
                 mse, aux, _, fired = topk_training_losses(sae, batch, dead, torch.bfloat16)
                 opt.zero_grad()
