@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,45 +175,120 @@ def estimate_norm_stats(batches: Iterator[dict[int, torch.Tensor]], cfg: SAETrai
     return stats
 
 
+class _TopKCodec(torch.autograd.Function):
+    """TopK decoding and the aux-k decoding of dead latents, with a backward that reads only them.
+
+    Inputs come from the dense encoder product that ranked the latents, computed without gradient:
+    `pre` [tokens, k] holds the pre-activations (x - b_dec) @ W_enc + b_enc of the selected latents
+    `idx`, and `pre_dead` [tokens, n_dead] those of the dead latents `dead` (zero where the aux-k
+    selection drops them). Backward never forms a dense [tokens, d_sae] gradient: the activations'
+    gradient is a sampled product (SDDMM), dW_enc and dW_dec are sparse-dense products over the k
+    active latents plus small dense ones over the dead columns, so the step's one big matmul is the
+    forward encoder product.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        centred: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+        W_dec: torch.Tensor,
+        pre: torch.Tensor,
+        idx: torch.Tensor,
+        pre_dead: torch.Tensor,
+        dead: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        acts = pre.relu()
+        W_dec_dead = W_dec[dead]
+        ctx.save_for_backward(centred, W_enc, W_dec, idx, acts, pre_dead, dead, W_dec_dead)
+        ctx.mark_non_differentiable(acts)
+        decoded = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+        return decoded, acts, pre_dead @ W_dec_dead
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_decoded: torch.Tensor, _: Any, grad_aux: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        centred, W_enc, W_dec, idx, acts, pre_dead, dead, W_dec_dead = ctx.saved_tensors
+        (n, k), d_sae, device = idx.shape, W_dec.shape[0], idx.device
+        flat = idx.flatten()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            by_token = torch.sparse_csr_tensor(
+                torch.arange(0, n * k + 1, k, dtype=torch.int32, device=device),
+                flat.int(),
+                torch.ones(n * k, device=device),
+                (n, d_sae),
+            )
+            grad_acts = torch.sparse.sampled_addmm(by_token, grad_decoded, W_dec.t(), beta=0.0).values()
+            grad_pre = grad_acts * (acts.flatten() > 0)
+            order = flat.argsort()
+            crow = torch.zeros(
+                d_sae + 1, dtype=torch.int32, device=device
+            )  # int32 indices: MKL's sparse product takes them as-is
+            crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+            tokens = torch.arange(n, dtype=torch.int32, device=device).repeat_interleave(k)[order]
+
+            def by_latent(values: torch.Tensor) -> torch.Tensor:
+                return torch.sparse_csr_tensor(crow, tokens, values[order], (d_sae, n))
+
+            grad_W_dec = by_latent(acts.flatten()) @ grad_decoded
+            grad_W_enc_t = by_latent(grad_pre) @ centred  # [d_sae, d_in]: dead rows are added below
+        grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, flat, grad_pre)
+        if len(dead):
+            grad_pre_dead = (grad_aux @ W_dec_dead.t()) * (pre_dead != 0)
+            grad_W_dec.index_add_(0, dead, pre_dead.t() @ grad_aux)
+            grad_W_enc_t.index_add_(0, dead, grad_pre_dead.t() @ centred)
+            grad_b_enc.index_add_(0, dead, grad_pre_dead.sum(0))
+        return None, grad_W_enc_t.t(), grad_b_enc, -(W_enc @ grad_b_enc), grad_W_dec, None, None, None, None
+
+
 def topk_training_losses(
     sae: Any, x: torch.Tensor, dead_mask: torch.Tensor | None, matmul_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAELens TopKTrainingSAE's MSE and aux-k losses, same values and gradients, computed sparsely.
 
-    Returns (mse, aux, reconstruction, fired latent ids). Three changes make it ~3x cheaper than
-    `training_forward_pass` on CPU: (x - b_dec) @ W_enc is split so backward forms only dW_enc from the
-    big product; decoding is an embedding-bag over the k active latents instead of a dense matmul; the
-    aux-k loss looks only at the dead latents' columns. The decoder-norm rescaling cancels in value and
-    gradient (relu(a*n)/n = relu(a) for n > 0), so it only enters the top-k ranking.
+    Returns (mse, aux, reconstruction, fired latent ids). Several times cheaper than
+    `training_forward_pass` on CPU: one dense encoder product (in `matmul_dtype`, without gradient)
+    ranks the latents, and `_TopKCodec` decodes and back-propagates through the selected and dead
+    latents only. The decoder-norm rescaling cancels in value and gradient (relu(a*n)/n = relu(a) for
+    n > 0), so it only enters the rankings.
     """
     cfg = sae.cfg
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    xw = x @ W_enc if matmul_dtype is None else (x.to(matmul_dtype) @ W_enc.to(matmul_dtype)).float()
-    pre = xw + (b_enc - b_dec @ W_enc)
-    norm = W_dec.norm(dim=-1)
     with torch.no_grad():
-        ranking = pre * norm if cfg.rescale_acts_by_decoder_norm else pre
+        centred = x - b_dec
+        # ranking = ((x - b_dec) @ W_enc + b_enc) * ||W_dec||: one matmul, the bias as an extra input column
+        norm = W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else W_dec.new_ones(W_dec.shape[0])
+        ranking = _matmul(
+            torch.cat([centred, centred.new_ones(len(x), 1)], 1), torch.cat([W_enc, b_enc[None]]) * norm, matmul_dtype
+        )
         idx = ranking.topk(cfg.k, dim=-1, sorted=False).indices
-    vals = pre.gather(-1, idx).relu()
-    recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
+        pre = ranking.gather(-1, idx).float() / norm[idx]
+        dead = idx.new_zeros(0) if dead_mask is None else dead_mask.nonzero().squeeze(1)
+        k_aux = x.shape[-1] // 2  # SAELens / EleutherAI heuristic
+        ranking_dead = ranking[:, dead]
+        pre_dead = ranking_dead.float() / norm[dead]
+        if len(dead) > k_aux:
+            keep = ranking_dead.topk(k_aux, dim=-1, sorted=False).indices
+            pre_dead = torch.zeros_like(pre_dead).scatter(-1, keep, pre_dead.gather(-1, keep))
+    decoded, vals, aux_decoded = _TopKCodec.apply(centred, W_enc, b_enc, b_dec, W_dec, pre, idx, pre_dead, dead)
+    recon = decoded + b_dec
     mse = (recon - x).pow(2).sum(-1).mean()
     aux = mse.new_zeros(())
-    if dead_mask is not None and (n_dead := int(dead_mask.sum())) > 0:
-        k_aux = x.shape[-1] // 2  # SAELens / EleutherAI heuristic
-        scale = min(n_dead / k_aux, 1.0)
-        dead = dead_mask.nonzero().squeeze(1)
-        pre_dead = pre[:, dead]
-        if n_dead > k_aux:
-            with torch.no_grad():
-                ranked = pre_dead * norm[dead] if cfg.rescale_acts_by_decoder_norm else pre_dead
-                aux_idx = ranked.topk(k_aux, dim=-1, sorted=False).indices
-            pre_dead = torch.zeros_like(pre_dead).scatter(-1, aux_idx, pre_dead.gather(-1, aux_idx))
-        aux_recon = pre_dead @ W_dec[dead]
-        aux = cfg.aux_loss_coefficient * scale * (aux_recon - (x - recon).detach()).pow(2).sum(-1).mean()
+    if len(dead):
+        scale = min(len(dead) / k_aux, 1.0)
+        aux = cfg.aux_loss_coefficient * scale * (aux_decoded - (x - recon).detach()).pow(2).sum(-1).mean()
     return mse, aux, recon, idx[vals > 0]
 
 
-def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) -> Any:
+def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return a @ b if dtype is None else a.to(dtype) @ b.to(dtype)
+
+
+def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, device: str = "cpu") -> Any:
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
     sae_cfg = TopKTrainingSAEConfig(
@@ -220,7 +296,7 @@ def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) 
         d_sae=d_model * cfg.expansion,
         k=cfg.k,
         dtype="float32",
-        device="cpu",
+        device=device,
         aux_loss_coefficient=cfg.aux_loss_coefficient,
         apply_b_dec_to_input=True,
         normalize_activations="none",
@@ -230,6 +306,11 @@ def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str) 
     sae_cfg.metadata.context_size = cfg.context_size
     sae_cfg.metadata.prepend_bos = True
     return TopKTrainingSAE(sae_cfg)
+
+
+def new_optimizer(sae: Any, lr: float) -> torch.optim.Adam:
+    # fused: one kernel per parameter instead of several passes over 3.3M-entry matrices (~3x on CPU)
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
 
 
 class SAETrainer:
@@ -249,12 +330,12 @@ class SAETrainer:
                 "give more text or a smaller --batch",
             )
         self.total_sequences = int(self.seq_per_epoch * cfg.epochs)
-        self.saes = {layer: _new_sae(cfg, loaded.d_model, layer, model_spec) for layer in cfg.layers}
-        self.optimizers = {
-            layer: torch.optim.Adam(s.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for layer, s in self.saes.items()
+        self.saes = {
+            layer: _new_sae(cfg, loaded.d_model, layer, model_spec, str(loaded.device)) for layer in cfg.layers
         }
+        self.optimizers = {layer: new_optimizer(s, cfg.lr) for layer, s in self.saes.items()}
         d_sae = loaded.d_model * cfg.expansion
-        self.since_fired = {layer: torch.zeros(d_sae) for layer in cfg.layers}
+        self.since_fired = {layer: torch.zeros(d_sae, device=loaded.device) for layer in cfg.layers}
         self.state = TrainingState()
         self.stats: dict[int, NormStats] = {}
         self.leftover: dict[int, torch.Tensor] = {}
@@ -287,7 +368,7 @@ class SAETrainer:
         buffer = {layer: buffer.get(layer, []) for layer in self.cfg.layers}
         size = sum(t.shape[0] for t in buffer[self.cfg.layers[0]])
         for acts in self._activation_stream(self.state.sequences_done):
-            keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool)
+            keep = torch.ones(next(iter(acts.values())).shape[0], dtype=torch.bool, device=self.loaded.device)
             for layer, x in acts.items():
                 keep &= x.norm(dim=-1) <= self.stats[layer].max_norm
             for layer, x in acts.items():
@@ -385,7 +466,7 @@ class SAETrainer:
                 f"the checkpoint in {self.out} was made with other settings ({', '.join(diff)})",
                 "resume with the same options, or start a new --out",
             )
-        tensors = load_file(str(ckpt / "state.safetensors"))
+        tensors = load_file(str(ckpt / "state.safetensors"), device=str(self.loaded.device))
         for layer in self.cfg.layers:
             sae = self.saes[layer]
             sae.load_state_dict({n: tensors[f"L{layer}.sae.{n}"] for n in sae.state_dict()})
@@ -455,7 +536,7 @@ class SAETrainer:
             target = final_dir / hook_name(layer)
             with atomic_dir(target, overwrite=overwrite) as tmp:
                 sae = self.inference_sae(layer)
-                sae.to(torch.bfloat16)
+                sae.to("cpu").to(torch.bfloat16)
                 sae.save_model(str(tmp))
             paths.append(target)
         atomic_write_json(final_dir / "training_config.json", asdict(self.cfg))

@@ -67,7 +67,7 @@ def test_folded_normalisation_reads_raw_activations(loaded) -> None:
     torch.testing.assert_close(folded.decode(folded.encode(x)), expected_out, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("n_dead", [0, 40, 200])
+@pytest.mark.parametrize("n_dead", [0, 20, 40, 200])
 def test_fast_topk_losses_match_sae_lens(n_dead: int) -> None:
     """Same loss values and gradients as SAELens' own training_forward_pass, aux-k loss included."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -144,3 +144,24 @@ def test_pretrained_release_offline_error(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(UserError, match=r"cannot load SAE gemma-scope-2b-pt-res-canonical:.*HF_HUB_OFFLINE") as e:
         load_saes("gemma-scope-2b-pt-res-canonical:layer_7/width_16k/canonical")
     assert "\n" not in str(e.value)
+
+
+def test_fast_topk_losses_in_bfloat16_stay_close_to_float32() -> None:
+    """The bfloat16 encoder product only ranks latents; values and gradients stay near float32's."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=64, d_sae=512, k=8, apply_b_dec_to_input=True))
+    x = torch.randn(200, 64) * 3
+    dead = torch.rand(512) < 0.1
+    results = []
+    for dtype in (None, torch.bfloat16):
+        sae.zero_grad()
+        mse, aux, _, _ = topk_training_losses(sae, x, dead, dtype)
+        (mse + aux).backward()
+        results.append((mse.item(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (mse32, grads32), (mse16, grads16) = results
+    assert mse16 == pytest.approx(mse32, rel=0.02)
+    for name, grad in grads32.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grads16[name].flatten(), dim=0)
+        assert cosine > 0.98, name
