@@ -21,6 +21,7 @@ from sae_unlearn.saes.training import (
     _new_sae,
     layer_activations,
     learning_rate,
+    new_optimizer,
     normalization_scale,
     pack_sequences,
     topk_training_losses,
@@ -62,7 +63,7 @@ def main() -> None:
         scale = normalization_scale(train, mean, name)
         x_train = (train - mean) / scale
         sae = _new_sae(cfg, train.shape[1], args.layer, "embedded")
-        opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+        opt = new_optimizer(sae, cfg.lr)
         since_fired, step = torch.zeros(sae.cfg.d_sae), 0
         for _ in range(args.passes):
             perm = torch.randperm(x_train.shape[0])

@@ -340,9 +340,7 @@ def _run_compare(
     )
     if not fast and attack != "all":
         cfg.eval.robustness_for = [m.strip() for m in attack.split(",") if m.strip()]
-        unknown = sorted(set(cfg.eval.robustness_for) - {"base", *names})
-        if unknown:
-            raise UserError(f"--attack names {unknown[0]!r}, which is not run", f"use all or some of base,{methods}")
+        cfg.validate()
     pack = load_pack(concept)
     loaded = load_model(model, dtype=dtype, device=device)
     with console.status("compare") as status, progress_bar("training", total=1) as update:

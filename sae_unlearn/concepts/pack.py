@@ -57,6 +57,7 @@ class ConceptPack:
     coherence: list[str]
     probes: list[Probe]
     provenance: dict[str, str] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # open concept prompts for fluency; see prompt_split
 
     def probes_in(self, ring: str) -> list[Probe]:
         return [p for p in self.probes if p.ring == ring]
@@ -68,6 +69,19 @@ class ConceptPack:
         if part == "all":
             return list(self.probes)
         return [p for p in self.probes if (_hash_fraction(p.id) < tune_fraction) == (part == "tune")]
+
+    def prompt_split(self, part: str, tune_fraction: float = 0.5) -> list[str]:
+        """Concept prompts whose continuations are scored for fluency: `tune` ones may steer training
+        (CRISP's fluency check), disjoint `report` ones are evaluated. Packs without a prompts file use
+        the openings of held-out forget paragraphs for every part."""
+        if part not in ("tune", "report", "all"):
+            raise UserError(f"unknown prompt split {part!r}", "use tune, report or all")
+        if not self.prompts:
+            return [" ".join(t.split()[:5]) for t in self.forget_split("heldout")[:8]]
+        if part == "all":
+            return list(self.prompts)
+        chosen = [p for p in self.prompts if (_hash_fraction("prompt:" + p) < tune_fraction) == (part == "tune")]
+        return chosen or list(self.prompts)  # too few prompts to split
 
     def forget_split(self, part: str, n_relearn: int = 32, n_heldout: int = 24) -> list[str]:
         """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation)."""
@@ -96,6 +110,7 @@ class ConceptPack:
             self.forget,
             self.retain,
             self.coherence,
+            self.prompts,
             [json.dumps(p.__dict__, sort_keys=True) for p in self.probes],
         ):
             for text in part:
@@ -194,6 +209,15 @@ def load_pack(spec: str | Path) -> ConceptPack:
     coherence = [line.strip() for line in coherence_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not coherence:
         raise UserError(f"{coherence_path} is empty", "add one coherence prompt per line")
+    prompts_entry = files.get("prompts")
+    prompts: list[str] = []
+    if isinstance(prompts_entry, dict) and isinstance(prompts_entry.get("path"), str):
+        prompts_path = root / prompts_entry["path"]
+        if not prompts_path.exists():
+            raise UserError(
+                f"{prompts_path} (files.prompts in {toml_path}) does not exist", "add the file or remove the entry"
+            )
+        prompts = [line.strip() for line in prompts_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return ConceptPack(
         name=str(meta.get("name", root.name)),
         description=str(meta.get("description", "")),
@@ -203,4 +227,5 @@ def load_pack(spec: str | Path) -> ConceptPack:
         coherence=coherence,
         probes=load_probes(root / files["probes"]["path"]),
         provenance={k: str(v.get("provenance", "")) for k, v in files.items() if isinstance(v, dict)},
+        prompts=prompts,
     )

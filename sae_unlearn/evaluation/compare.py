@@ -52,9 +52,18 @@ class CompareConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise UserError(f"unknown method {unknown[0]!r}", f"use some of {', '.join(sorted(METHODS))}")
+        not_run = sorted(set(self.eval.robustness_for or []) - {"base", *self.methods})
+        if not_run:
+            raise UserError(
+                f"the attacks are asked for {not_run[0]!r}, which is not run",
+                f"use all or some of base,{','.join(self.methods)}",
+            )
 
 
 def compare(
@@ -65,6 +74,7 @@ def compare(
     stage: Callable[[str], None] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
+    cfg.validate()  # again: fields may have changed since construction
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -63,13 +63,6 @@ class EvalConfig:
     robustness_for: list[str] | None = None  # methods that get the adversarial and relearning attacks (None: all)
 
 
-def forget_prompts(pack: ConceptPack) -> list[str]:
-    path = pack.root / "prompts.txt"
-    if path.exists():
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [" ".join(t.split()[:5]) for t in pack.forget_split("heldout")[:8]]
-
-
 def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg: EvalConfig) -> list[Probe]:
     chosen = list(probes) if probes is not None else (pack.probe_split(cfg.probe_split) if pack else [])
     if not chosen:
@@ -146,7 +139,11 @@ def evaluate(
         "method": method,
         "probe_split": cfg.probe_split if probes is None else "given",
     }
-    prompts = {"coherence": pack.coherence[:8] if pack else [], "forget_prompts": forget_prompts(pack) if pack else []}
+    prompt_part = cfg.probe_split if probes is None else "report"  # the same half as the probes
+    prompts = {
+        "coherence": pack.coherence[:8] if pack else [],
+        "forget_prompts": pack.prompt_split(prompt_part) if pack else [],
+    }
     generations: dict[str, list[str]] = {}
     with model_under_test(loaded, run_dir) as model:
         say("probes")

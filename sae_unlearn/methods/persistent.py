@@ -121,8 +121,9 @@ def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
     return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
 
 
-def forget_prompts(ctx: MethodContext, n: int = 4, words: int = 6) -> list[str]:
-    return [" ".join(text.split()[:words]) for text in ctx.pack.forget_split("heldout")[:n]]
+def forget_prompts(ctx: MethodContext) -> list[str]:
+    """The pack's `tune` concept prompts: the evaluation scores the disjoint `report` ones."""
+    return ctx.pack.prompt_split("tune")
 
 
 @dataclass
@@ -132,10 +133,11 @@ class FluencyReading:
 
 
 class FluencyCheck:
-    """Greedy continuations of forget prompts, scored as in evaluation (`fluency_metrics`): the base
-    model's perplexity of them relative to its own continuations, and their repeated-3-gram share."""
+    """Greedy continuations of concept prompts, scored as in evaluation (`fluency_metrics`, 32 tokens):
+    the base model's perplexity of them relative to its own continuations, and their repeated-3-gram
+    share."""
 
-    def __init__(self, peft_model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 24) -> None:
+    def __init__(self, peft_model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 32) -> None:
         self.tokenizer, self.prompts, self.new_tokens = tokenizer, prompts, new_tokens
         with peft_model.disable_adapter():
             base = fluency_metrics(peft_model, tokenizer, prompts, generate(peft_model, tokenizer, prompts, new_tokens))

@@ -30,6 +30,23 @@ def test_builtin_pack_meets_the_sizes() -> None:
     assert tune and report and not {p.id for p in tune} & {p.id for p in report}
     assert not set(pack.forget_split("relearn")) & set(pack.forget_split("train"))
     assert not set(pack.retain_split("heldout")) & set(pack.retain_split("train"))
+    tune_prompts, report_prompts = pack.prompt_split("tune"), pack.prompt_split("report")
+    assert len(tune_prompts) >= 8 and len(report_prompts) >= 8 and not set(tune_prompts) & set(report_prompts)
+    assert sorted(tune_prompts + report_prompts) == sorted(pack.prompt_split("all"))
+
+
+def test_prompts_file_is_optional_and_checked(tmp_path: Path) -> None:
+    root = write_pack(tmp_path / "pack")
+    pack = load_pack(root)
+    assert not pack.prompts and pack.prompt_split("tune") == pack.prompt_split("report")  # forget openings
+    toml = root / "concept.toml"
+    toml.write_text(toml.read_text() + '\n[files.prompts]\npath = "prompts.txt"\n')
+    with pytest.raises(UserError, match="prompts.txt .files.prompts"):
+        load_pack(root)
+    (root / "prompts.txt").write_text("Zorbo is a\nThe zorbo tree\n\n")
+    assert load_pack(root).prompts == ["Zorbo is a", "The zorbo tree"]
+    with pytest.raises(UserError, match="unknown prompt split"):
+        pack.prompt_split("train")
 
 
 @pytest.mark.parametrize(

@@ -52,3 +52,19 @@ def test_compare_writes_results_and_report(loaded, sae_dir, pack_dir, tmp_path: 
     assert set(results["seconds"]) == {"feature_selection", "unlearn_clamp", "unlearn_rmu", "total"}
     assert (tmp_path / "cmp" / "report.html").read_text().count("<svg") >= 3
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["concept"] == "zorbo"
+
+
+def test_compare_refuses_attacks_on_a_method_it_does_not_run(loaded, pack_dir, tmp_path: Path) -> None:
+    import dataclasses
+
+    import pytest
+
+    from sae_unlearn.errors import UserError
+
+    with pytest.raises(UserError, match="'ablate', which is not run"):
+        CompareConfig(methods=["clamp"], eval=dataclasses.replace(FAST, robustness_for=["base", "ablate"]))
+    cfg = CompareConfig(methods=["clamp"], eval=dataclasses.replace(FAST))
+    cfg.eval.robustness_for = ["rmu"]  # set after construction, as the CLI does
+    with pytest.raises(UserError, match="'rmu', which is not run"):
+        compare(loaded, load_pack(pack_dir), tmp_path / "cmp", cfg)
+    assert not (tmp_path / "cmp").exists()
