@@ -27,9 +27,17 @@ def cache_dir() -> Path:
 
 def _umask_mode(mode: int) -> int:
     """`mode` less the process umask: what open()/mkdir() would give (mkstemp/mkdtemp give 0600/0700)."""
+    return mode & ~_current_umask()
+
+
+def _current_umask() -> int:
+    # Linux reports it without changing it; setting and restoring it (the fallback) races other threads.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return mode & ~mask
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,16 +10,18 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, atomic_write_text
 
 
-def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
-    old = os.umask(0o022)
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int, file_mode: int, dir_mode: int) -> None:
+    old = os.umask(umask)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
         with atomic_dir(tmp_path / "d") as tmp:
             (tmp / "f").write_text("y")
+        assert os.umask(umask) == umask  # reading it left it as it was
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == dir_mode
 
 
 def test_atomic_dir_keeps_what_was_there(tmp_path: Path) -> None:

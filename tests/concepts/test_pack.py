@@ -41,7 +41,7 @@ def test_prompts_file_is_optional_and_checked(tmp_path: Path) -> None:
     assert not pack.prompts and pack.prompt_split("tune") == pack.prompt_split("report")  # forget openings
     toml = root / "concept.toml"
     toml.write_text(toml.read_text() + '\n[files.prompts]\npath = "prompts.txt"\n')
-    with pytest.raises(UserError, match="prompts.txt .files.prompts"):
+    with pytest.raises(UserError, match=r"prompts\.txt \(files\.prompts"):
         load_pack(root)
     (root / "prompts.txt").write_text("Zorbo is a\nThe zorbo tree\n\n")
     assert load_pack(root).prompts == ["Zorbo is a", "The zorbo tree"]
