@@ -340,6 +340,8 @@ class SAETrainer:
         self.stats: dict[int, NormStats] = {}
         self.leftover: dict[int, torch.Tensor] = {}
         self.last_checkpoint_step = 0
+        self.forward_seconds = 0.0  # in the model's forward passes, since the training loop began
+        self.loop_seconds = 0.0  # in the whole training loop (forward passes, data pipeline, SAE steps)
 
     # -- data ---------------------------------------------------------------------------------
     def _sequence_stream(self, start: int) -> Iterator[list[int]]:
@@ -356,7 +358,10 @@ class SAETrainer:
     def _activation_stream(self, start: int) -> Iterator[dict[int, torch.Tensor]]:
         for ids in _batched(self._sequence_stream(start), self.cfg.model_batch):
             self.state.sequences_done += ids.shape[0]
-            yield layer_activations(self.loaded, ids, self.cfg.layers)
+            start = time.perf_counter()
+            acts = layer_activations(self.loaded, ids, self.cfg.layers)
+            self.forward_seconds += time.perf_counter() - start
+            yield acts
 
     def _training_batches(self) -> Iterator[dict[int, torch.Tensor]]:
         """Shuffle-buffered SAE batches of normalised, outlier-free activations, all layers in step.
@@ -495,7 +500,7 @@ class SAETrainer:
             self.stats = estimate_norm_stats(self._activation_stream(0), self.cfg)
             self.state = TrainingState()
         total_steps = max(1, int(self.total_sequences * (self.cfg.context_size - 1) * 0.97 / self.cfg.sae_batch_tokens))
-        start = time.perf_counter()
+        start, self.forward_seconds = time.perf_counter(), 0.0
         for batch in self._training_batches():
             metrics = self._step(batch, total_steps)
             if self.state.step % 20 == 0:
@@ -503,6 +508,13 @@ class SAETrainer:
                 self.state.history.append({"step": self.state.step, **metrics})
             if progress is not None:
                 progress(self.state.sequences_done, self.total_sequences, metrics)
+        self.loop_seconds = time.perf_counter() - start
+        log.info(
+            "training loop %.0f s, of which the model's forward passes %.0f s: %.2fx the forward alone",
+            self.loop_seconds,
+            self.forward_seconds,
+            self.loop_seconds / max(1e-9, self.forward_seconds),
+        )
         self.save_checkpoint()
 
     # -- export ---------------------------------------------------------------------------------

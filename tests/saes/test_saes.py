@@ -114,6 +114,7 @@ def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
     full = SAETrainer(loaded, cfg, texts, tmp_path / "a", "tiny")
     full.train()
     assert full.state.step > 3
+    assert 0 < full.forward_seconds < full.loop_seconds
     # interrupted after a checkpoint, then resumed: same weights as the uninterrupted run
     part = SAETrainer(loaded, cfg, texts, tmp_path / "b", "tiny")
 
