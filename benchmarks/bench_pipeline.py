@@ -1,7 +1,7 @@
 """Speed ratios of sae-unlearn's hot paths, each measured against its baseline in this one run
 (the two timed back to back, round after round; the median ratio is printed).
 
-    python benchmarks/bench_pipeline.py [--model embedded] [--sae shipped] [--tokens 4096]
+    python benchmarks/bench_pipeline.py [--model embedded] [--sae shipped] [--batch 8] [--seq 128]
 
 Prints, with the targets from the issues:
 - capture of N SAE layers vs a bare forward truncated at the deepest of them (>= 0.9x) and vs a

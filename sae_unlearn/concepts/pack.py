@@ -28,6 +28,7 @@ from sae_unlearn.errors import UserError
 PACKS_DIR = Path(__file__).parent / "packs"
 RINGS = ("target", "near", "mid", "far")
 REQUIRED_FILES = ("forget", "retain", "coherence", "probes")
+OPTIONAL_FILES = ("prompts",)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,10 @@ def load_probes(path: Path) -> list[Probe]:
     return probes
 
 
+def _nonempty_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def load_pack(spec: str | Path) -> ConceptPack:
     root = resolve_pack_dir(spec)
     toml_path = root / "concept.toml"
@@ -197,7 +202,7 @@ def load_pack(spec: str | Path) -> ConceptPack:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{toml_path}: {e}") from e
     files = meta.get("files", {})
-    for key in REQUIRED_FILES:
+    for key in (*REQUIRED_FILES, *(k for k in OPTIONAL_FILES if k in files)):
         entry = files.get(key)
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise UserError(f"{toml_path}: [files.{key}] with a path is missing", f'add [files.{key}] path = "..."')
@@ -206,18 +211,10 @@ def load_pack(spec: str | Path) -> ConceptPack:
                 f"{root / entry['path']} (files.{key} in {toml_path}) does not exist", "add the file or fix the path"
             )
     coherence_path = root / files["coherence"]["path"]
-    coherence = [line.strip() for line in coherence_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    coherence = _nonempty_lines(coherence_path)
     if not coherence:
         raise UserError(f"{coherence_path} is empty", "add one coherence prompt per line")
-    prompts_entry = files.get("prompts")
-    prompts: list[str] = []
-    if isinstance(prompts_entry, dict) and isinstance(prompts_entry.get("path"), str):
-        prompts_path = root / prompts_entry["path"]
-        if not prompts_path.exists():
-            raise UserError(
-                f"{prompts_path} (files.prompts in {toml_path}) does not exist", "add the file or remove the entry"
-            )
-        prompts = [line.strip() for line in prompts_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = _nonempty_lines(root / files["prompts"]["path"]) if "prompts" in files else []
     return ConceptPack(
         name=str(meta.get("name", root.name)),
         description=str(meta.get("description", "")),

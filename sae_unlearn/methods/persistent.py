@@ -121,11 +121,6 @@ def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
     return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
 
 
-def forget_prompts(ctx: MethodContext) -> list[str]:
-    """The pack's `tune` concept prompts: the evaluation scores the disjoint `report` ones."""
-    return ctx.pack.prompt_split("tune")
-
-
 @dataclass
 class FluencyReading:
     ratio: float  # base-model perplexity of the adapted model's continuations / of the base's own
@@ -254,7 +249,8 @@ class AdapterTrainer:
         ctx = self.ctx
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         fluent = self.load_checkpoint() if ctx.resume else None
-        check = FluencyCheck(self.model, ctx.loaded.tokenizer, forget_prompts(ctx)) if fluency_every else None
+        # the tune half of the concept prompts: the evaluation scores the disjoint report half
+        check = FluencyCheck(self.model, ctx.loaded.tokenizer, ctx.pack.prompt_split("tune")) if fluency_every else None
         if check is not None and fluent is None and self.state.step == 0:
             fluent = self._adapter_tensors()  # the untrained adapter: what a failed first check restores
         try:

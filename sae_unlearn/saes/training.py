@@ -225,9 +225,8 @@ class _TopKCodec(torch.autograd.Function):
             grad_acts = torch.sparse.sampled_addmm(by_token, grad_decoded, W_dec.t(), beta=0.0).values()
             grad_pre = grad_acts * (acts.flatten() > 0)
             order = flat.argsort()
-            crow = torch.zeros(
-                d_sae + 1, dtype=torch.int32, device=device
-            )  # int32 indices: MKL's sparse product takes them as-is
+            # int32 indices: MKL's sparse product takes them as-is
+            crow = torch.zeros(d_sae + 1, dtype=torch.int32, device=device)
             crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
             tokens = torch.arange(n, dtype=torch.int32, device=device).repeat_interleave(k)[order]
 
@@ -358,9 +357,9 @@ class SAETrainer:
     def _activation_stream(self, start: int) -> Iterator[dict[int, torch.Tensor]]:
         for ids in _batched(self._sequence_stream(start), self.cfg.model_batch):
             self.state.sequences_done += ids.shape[0]
-            start = time.perf_counter()
+            began = time.perf_counter()
             acts = layer_activations(self.loaded, ids, self.cfg.layers)
-            self.forward_seconds += time.perf_counter() - start
+            self.forward_seconds += time.perf_counter() - began
             yield acts
 
     def _training_batches(self) -> Iterator[dict[int, torch.Tensor]]:
@@ -418,14 +417,14 @@ class SAETrainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             dead_mask = self.since_fired[layer] > self.cfg.dead_after_tokens
-            mse, aux, recon, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype)
+            mse, aux, _, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype)
             opt.zero_grad(set_to_none=True)
             (mse + aux).backward()
             opt.step()
             with torch.no_grad():
                 self.since_fired[layer] += x.shape[0]
                 self.since_fired[layer][fired] = 0
-                fve = 1 - ((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+                fve = 1 - mse * x.shape[0] / ((x - x.mean(0)) ** 2).sum()  # mse: squared error per token
             metrics[f"L{layer}.fve"] = float(fve)
             metrics[f"L{layer}.mse"] = float(mse.detach())
         self.state.step += 1
