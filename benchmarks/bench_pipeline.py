@@ -133,11 +133,13 @@ def main() -> None:
         _new_sae,
         new_optimizer,
         topk_training_losses,
+        trainable_parameters,
     )
 
     cfg = SAETrainingConfig(layers=layers, expansion=saes[0].d_sae // loaded.d_model, k=int(saes[0].sae.cfg.k))
     train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}
-    opts = {layer: new_optimizer(s, 1e-4) for layer, s in train_saes.items()}
+    params = {layer: trainable_parameters(s) for layer, s in train_saes.items()}
+    opts = {layer: new_optimizer(p, 1e-4) for layer, p in params.items()}
     dead = torch.rand(saes[0].d_sae, generator=torch.Generator().manual_seed(0)) < 0.1
 
     def sae_step(ours: bool) -> None:
@@ -146,7 +148,7 @@ def main() -> None:
         for layer, sae in train_saes.items():
             x = acts[layer].flatten(0, 1).float()
             if ours:
-                mse, aux, _, _ = topk_training_losses(sae, x, dead, torch.bfloat16)
+                mse, aux, _, _ = topk_training_losses(sae, x, dead, torch.bfloat16, params[layer]["W_enc_rows"])
                 loss = mse + aux
             else:
                 loss = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False)).loss

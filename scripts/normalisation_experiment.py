@@ -25,6 +25,7 @@ from sae_unlearn.saes.training import (
     normalization_scale,
     pack_sequences,
     topk_training_losses,
+    trainable_parameters,
 )
 
 log = logging.getLogger("normalisation_experiment")
@@ -63,7 +64,8 @@ def main() -> None:
         scale = normalization_scale(train, mean, name)
         x_train = (train - mean) / scale
         sae = _new_sae(cfg, train.shape[1], args.layer, "embedded")
-        opt = new_optimizer(sae, cfg.lr)
+        params = trainable_parameters(sae)
+        opt = new_optimizer(params, cfg.lr)
         since_fired, step = torch.zeros(sae.cfg.d_sae), 0
         for _ in range(args.passes):
             perm = torch.randperm(x_train.shape[0])
@@ -71,7 +73,7 @@ def main() -> None:
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(step, total, cfg)
                 batch, dead = x_train[perm[b * bs : (b + 1) * bs]], since_fired > cfg.dead_after_tokens
-                mse, aux, _, fired = topk_training_losses(sae, batch, dead, torch.bfloat16)
+                mse, aux, _, fired = topk_training_losses(sae, batch, dead, torch.bfloat16, params["W_enc_rows"])
                 opt.zero_grad()
                 (mse + aux).backward()
                 opt.step()

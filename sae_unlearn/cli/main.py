@@ -97,7 +97,10 @@ def train_sae(
     ] = 4.0,
     checkpoint_every: Annotated[int, typer.Option(help="optimiser steps between checkpoints")] = 200,
     encoder_matmul_dtype: Annotated[
-        str, typer.Option(help="dtype of the encoder's big matmul: bfloat16 (fast on CPU and GPU) or float32")
+        str,
+        typer.Option(
+            help="dtype of the encoder's ranking product and the dead latents' products: bfloat16 (fast) or float32"
+        ),
     ] = "bfloat16",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,

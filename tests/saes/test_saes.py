@@ -8,7 +8,14 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.saes.loading import check_compatible, load_saes
-from sae_unlearn.saes.training import NormStats, SAETrainer, SAETrainingConfig, topk_training_losses
+from sae_unlearn.saes.training import (
+    NormStats,
+    SAETrainer,
+    SAETrainingConfig,
+    new_optimizer,
+    topk_training_losses,
+    trainable_parameters,
+)
 from tests.conftest import FORGET, RETAIN
 
 
@@ -95,6 +102,30 @@ def test_fast_topk_losses_match_sae_lens(n_dead: int) -> None:
     assert set(fired.tolist()) == set(ref.feature_acts.nonzero()[:, 1].tolist())
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_encoder_rows_leaf_trains_the_same_weights() -> None:
+    """trainable_parameters' [d_sae, d_in] leaf gets W_enc's gradient transposed, and sae.W_enc follows it."""
+    import copy
+
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    plain = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=64, d_sae=512, k=8, apply_b_dec_to_input=True))
+    rowwise = copy.deepcopy(plain)
+    params = trainable_parameters(rowwise)
+    x, dead = torch.randn(100, 64) * 3, torch.rand(512) < 0.1
+    for sae, rows in ((plain, None), (rowwise, params["W_enc_rows"])):
+        mse, aux, _, _ = topk_training_losses(sae, x, dead, None, rows)
+        (mse + aux).backward()
+    torch.testing.assert_close(params["W_enc_rows"].grad, plain.W_enc.grad.t())
+    for name in ("b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(params[name].grad, getattr(plain, name).grad, msg=name)
+    new_optimizer(params, 0.1).step()
+    torch.testing.assert_close(rowwise.W_enc, params["W_enc_rows"].t())
+    assert not torch.equal(rowwise.W_enc, plain.W_enc)
+    with pytest.raises(ValueError, match="W_enc_rows"):
+        topk_training_losses(rowwise, x, dead)
 
 
 def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
