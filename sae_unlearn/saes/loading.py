@@ -21,6 +21,7 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.models.hooks import parse_hook_name
+from sae_unlearn.saes.topk import topk_last_dim
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def encode_topk_sparse(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     if not isinstance(sae, TopKSAE | TopKTrainingSAE):
         return None
-    values, ids = pre_activations(sae, x).topk(int(sae.cfg.k), dim=-1, sorted=False)
+    values, ids = topk_last_dim(pre_activations(sae, x), int(sae.cfg.k))
     return values.relu(), ids
 
 

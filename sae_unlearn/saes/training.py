@@ -28,6 +28,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.models.hooks import capture_resid_post, hook_name, special_token_ids, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.saes.topk import topk_last_dim
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,8 @@ class _TopKCodec(torch.autograd.Function):
             def by_latent(values: torch.Tensor) -> torch.Tensor:
                 return torch.sparse_csr_tensor(crow, tokens, values[order], (d_sae, n))
 
-            grad_W_dec = by_latent(acts.flatten()) @ grad_decoded
-            grad_W_enc_rows = by_latent(grad_pre) @ centred  # dead rows are added below
+            grad_W_dec = _sparse_times_dense(by_latent(acts.flatten()), grad_decoded)
+            grad_W_enc_rows = _sparse_times_dense(by_latent(grad_pre), centred)  # dead rows are added below
         grad_b_enc = grad_pre.new_zeros(d_sae).index_add_(0, flat, grad_pre)
         if len(dead):
             dtype = ctx.dead_dtype
@@ -280,7 +281,7 @@ def topk_training_losses(
         torch.mul(rows, norm[:, None], out=weights[:, :d_in])
         torch.mul(b_enc, norm, out=weights[:, d_in])
         ranking = torch.cat([centred, centred.new_ones(len(x), 1)], 1).to(weights.dtype) @ weights.t()
-        idx = ranking.topk(cfg.k, dim=-1, sorted=False).indices
+        idx = topk_last_dim(ranking, cfg.k)[1]
         pre = ranking.gather(-1, idx).float() / norm[idx]
         dead = idx.new_zeros(0) if dead_mask is None else dead_mask.nonzero().squeeze(1)
         k_aux = x.shape[-1] // 2  # SAELens / EleutherAI heuristic
@@ -299,6 +300,13 @@ def topk_training_losses(
         scale = min(len(dead) / k_aux, 1.0)
         aux = cfg.aux_loss_coefficient * scale * (aux_decoded - (x - recon).detach()).pow(2).sum(-1).mean()
     return mse, aux, recon, idx[vals > 0]
+
+
+def _sparse_times_dense(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    # `sparse @ dense` zero-fills its [d_sae, d_in] output and copies that over a second one first: two
+    # passes over 13 MB as long as the product itself. With beta=0 the product never reads `out`.
+    out = dense.new_empty(sparse.shape[0], dense.shape[1])
+    return torch.addmm(out, sparse, dense, beta=0.0, out=out)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
