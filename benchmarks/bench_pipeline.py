@@ -140,21 +140,25 @@ def main() -> None:
     train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}
     params = {layer: trainable_parameters(s) for layer, s in train_saes.items()}
     opts = {layer: new_optimizer(p, 1e-4) for layer, p in params.items()}
+    lens_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}  # plain W_enc
+    lens_opts = {layer: new_optimizer(dict(s.named_parameters()), 1e-4) for layer, s in lens_saes.items()}
     dead = torch.rand(saes[0].d_sae, generator=torch.Generator().manual_seed(0)) < 0.1
 
     def sae_step(ours: bool) -> None:
         with torch.no_grad():
             acts = capture_resid_post(loaded.model, ids, None, layers)
-        for layer, sae in train_saes.items():
+        for layer in layers:
             x = acts[layer].flatten(0, 1).float()
             if ours:
+                sae, opt = train_saes[layer], opts[layer]
                 mse, aux, _, _ = topk_training_losses(sae, x, dead, torch.bfloat16, params[layer]["W_enc_rows"])
                 loss = mse + aux
             else:
+                sae, opt = lens_saes[layer], lens_opts[layer]
                 loss = sae.training_forward_pass(TrainStepInput(x, {}, dead, 0, False)).loss
-            opts[layer].zero_grad()
+            opt.zero_grad()
             loss.backward()
-            opts[layer].step()
+            opt.step()
 
     t_sae, _, r_sae = paired(lambda: sae_step(True), capture)
     _, _, r_sae_lens = paired(lambda: sae_step(True), lambda: sae_step(False), 2)
