@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-PER_GROUP = 8  # entries per group: 5,120 latents -> top-k over 640 maxima, then over 8k candidates
+PER_GROUP = 8  # entries per group: for 5,120 latents and k = 64, a top-k over 640 maxima, then over 512
 
 
 def topk_last_dim(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

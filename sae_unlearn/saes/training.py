@@ -303,8 +303,8 @@ def topk_training_losses(
 
 
 def _sparse_times_dense(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    # `sparse @ dense` zero-fills its [d_sae, d_in] output and copies that over a second one first: two
-    # passes over 13 MB as long as the product itself. With beta=0 the product never reads `out`.
+    # `sparse @ dense` zero-fills a [d_sae, d_in] tensor and copies it into its output before the
+    # product: two passes over 13 MB that took as long as the product. With beta=0, `out` is never read.
     out = dense.new_empty(sparse.shape[0], dense.shape[1])
     return torch.addmm(out, sparse, dense, beta=0.0, out=out)
 

@@ -28,3 +28,20 @@ def test_grouped_topk_with_ties_and_clustered_maxima() -> None:
 def test_widths_the_grouping_cannot_split_fall_back_to_torch() -> None:
     x = torch.randn(10, 517)
     assert torch.equal(topk_last_dim(x, 32)[1], x.topk(32, dim=-1, sorted=False).indices)
+
+
+def test_sparse_encoding_through_the_grouped_path_equals_sae_lens_encode() -> None:
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from sae_unlearn.saes.loading import encode_topk_sparse
+
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=1024, k=16, apply_b_dec_to_input=True))  # 128 groups >= 2k
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(3, 50, 64)
+    result = encode_topk_sparse(sae, x)
+    assert result is not None
+    values, ids = result
+    dense = torch.zeros(3, 50, 1024).scatter(-1, ids, values)
+    torch.testing.assert_close(dense, sae.encode(x), rtol=0, atol=0)
