@@ -8,7 +8,8 @@ Prints, with the targets from the issues:
   naive full forward with output_hidden_states=True (>= 2.5x);
 - feature statistics (all SAE layers encoded, one pass) vs the bare truncated forward (>= 0.85x), and
   vs the original method's approach (full forward with all hidden states, one SAE layer at a time);
-- SAE training step for all layers at once vs the forward pass alone, per token (<= 1.5x cost);
+- SAE training step for all layers at once vs the forward pass alone, per token (<= 1.5x cost), and the
+  grouped top-k it uses vs torch.topk;
 - CRISP training step vs a plain LoRA language-modelling step on the same tokens (<= 2.0x cost);
 - greedy generation with a clamp intervention installed vs the bare model (>= 0.85x tokens/s).
 """
@@ -164,6 +165,24 @@ def main() -> None:
     _, _, r_sae_lens = paired(lambda: sae_step(True), lambda: sae_step(False), 2)
     rows.append(("SAE training (all layers) cost vs forward alone", r_sae, "<= 1.5"))
     rows.append(("SAE training speed-up over SAELens training_forward_pass", 1 / r_sae_lens, "> 1"))
+
+    # the grouped top-k of the trainer and the statistics vs torch.topk, on real encoder pre-activations
+    from sae_unlearn.saes.loading import pre_activations
+    from sae_unlearn.saes.topk import topk_last_dim
+
+    with torch.no_grad():
+        pre = pre_activations(saes[0].sae, capture_resid_post(loaded.model, ids, None, layers)[layers[0]].flatten(0, 1))
+    k = int(saes[0].sae.cfg.k)
+
+    def repeat(fn: Callable[[], Any]) -> Callable[[], None]:
+        def ten() -> None:
+            for _ in range(10):
+                fn()
+
+        return ten
+
+    _, _, r_topk = paired(repeat(lambda: topk_last_dim(pre, k)), repeat(lambda: pre.topk(k, dim=-1, sorted=False)), 9)
+    rows.append(("grouped top-k time vs torch.topk (encoder pre-activations)", r_topk, "< 1"))
 
     # the whole training loop (forward passes, outlier filter, normalisation, shuffle buffer, SAE steps
     # for all layers) vs its own forward passes, timed inside one 3-epoch run: the two interleave batch
