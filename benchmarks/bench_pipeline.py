@@ -104,7 +104,9 @@ def main() -> None:
         _, _, r_naive = paired(capture, lambda: loaded.model(input_ids=ids, output_hidden_states=True), 3)
 
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        acc = {s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes}
+        acc: dict[int, dict[str, Any]] = {
+            s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes
+        }
 
         def stats_pass() -> None:  # what compute_stats does per batch
             for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
@@ -242,14 +244,15 @@ def main() -> None:
 
         def train_step(lm: bool) -> None:
             if lm:
-                total = sum(
+                losses = [
                     trainer.model(
                         input_ids=b.input_ids,
                         attention_mask=b.attention_mask,
                         labels=b.input_ids.masked_fill(~b.valid, -100),
                     ).loss
                     for b in batches
-                )
+                ]
+                total = torch.stack(losses).sum()
             else:
                 total, _ = loss_fn(trainer.model, 0)
             trainer.opt.zero_grad()
