@@ -38,7 +38,10 @@ def _one_line_error(result, text: str) -> None:
         (["eval", "--concept", "harry-potter", "--run", "no-run-dir", "--out", "r.json"], "run directory not found"),
         (["concept", "validate", "no-such-pack"], "unknown concept pack"),
         (["compare", "--methods", "crisp,forget", "--out", "X"], "unknown method 'forget'"),
-        (["compare", "--methods", "crisp", "--attack", "base,ablate", "--out", "X"], "asked for 'ablate'"),
+        (
+            ["compare", "--methods", "crisp", "--attack", "base,ablate", "--out", "X"],
+            "the attacks are asked for 'ablate', which is not run",
+        ),
     ],
 )
 def test_bad_input_is_one_line(args: list[str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
