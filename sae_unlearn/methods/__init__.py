@@ -23,7 +23,7 @@ from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.methods import clamp, crisp, rmu  # noqa: F401  (registration)
 from sae_unlearn.methods.base import METHODS, MethodContext, method_config
 from sae_unlearn.methods.interventions import Intervention, install
-from sae_unlearn.models.hooks import decoder_blocks, special_token_ids
+from sae_unlearn.models.hooks import decoder_blocks, token_policy
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import RUN_VERSION, check_same_model, read_config, versions
 from sae_unlearn.saes.loading import LoadedSAE, load_saes
@@ -102,7 +102,7 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
     if method in ("clamp", "ablate"):
         intervention = Intervention.load(run_dir / "intervention.json")
         saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device))
-        with install(loaded.model, saes, intervention, special_token_ids(loaded.tokenizer)):
+        with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
             yield loaded.model
     elif method == "crisp":
         from peft import PeftModel

@@ -2,10 +2,12 @@
 forget text while hidden states on retain text stay as they were.
 
 Two objectives:
-- `published`: unlearn = mean of the selected features' activations after adding the margin
-  |alpha * mean(pre_acts)| to their pre-activations, on tokens where the frozen model had them
-  active; retain = MSE of hidden states at the SAE layers; coherence = MSE of the final hidden
-  state on one coherence prompt per step. total = (1-beta)*unlearn + beta*retain + beta*gamma*coherence.
+- `published`: unlearn = the reference's `loss_features_acts`: the margin |alpha * mean(pre_acts)|
+  is added to the selected features' pre-activations where the frozen model had them active, the
+  SAE's own activation applied (JumpReLU threshold included), and the positive selected
+  activations on valid tokens averaged, per layer, then over layers; retain = MSE of hidden
+  states at the SAE layers; coherence = MSE of the final hidden state on one coherence prompt per
+  step. total = (1-beta)*unlearn + beta*retain + beta*gamma*coherence.
 - `ablation` (default): the persistent twin of feature ablation. On forget text the adapted hidden
   state at each SAE layer is trained toward the frozen one with the selected features' decoded
   contribution scaled by `ablation_scale` (error term kept), so the text stays on-distribution;
@@ -37,6 +39,14 @@ from sae_unlearn.methods.persistent import (
     tokenize,
 )
 from sae_unlearn.models.hooks import lm_head_logits
+from sae_unlearn.saes.edit import (
+    activate_columns,
+    apply_feature_edit,
+    encode_columns,
+    sae_kind,
+    scale_values,
+    selected_pre_activations,
+)
 from sae_unlearn.saes.loading import LoadedSAE, pre_activations
 
 log = logging.getLogger(__name__)
@@ -87,20 +97,40 @@ def published_unlearn_loss(
     valid: torch.Tensor,
     alpha: float,
 ) -> torch.Tensor:
-    """Mean selected activation after the margin, on valid tokens where the frozen model had it active."""
-    pre = pre_activations(sae, adapted.to(sae.W_enc.dtype))
-    margin = (alpha * pre.mean(-1, keepdim=True)).abs()
-    pre = pre.index_add(-1, features, margin.expand(*pre.shape[:-1], len(features)))
-    acts = sae.activation_fn(pre)[..., features]
-    weight = frozen_active & valid.unsqueeze(-1)
-    return (acts * weight).sum() / weight.sum().clamp_min(1)
+    """The CRISP reference's `loss_features_acts` for one layer.
+
+    The selected features' pre-activations get the margin |alpha * mean over all latents of the
+    pre-activations| on the tokens where the frozen model had them active (`frozen_active`
+    [..., n_features]); the SAE's own activation (JumpReLU threshold, TopK selection, gate) turns
+    them into activations; the loss is the mean of the positive ones on valid tokens (0 when none).
+    Elementwise SAEs are computed column-sparse: the mean pre-activation is linear in the input,
+    sae_in @ mean(W_enc, 1) + mean(b_enc)."""
+    x = adapted.to(sae.W_enc.dtype)
+    kind = sae_kind(sae)
+    if kind in ("standard", "jumprelu", "gated"):
+        sae_in = sae.process_sae_in(x)
+        pre = selected_pre_activations(sae, sae_in, features)
+        if kind == "gated":
+            mean_pre = sae_in @ (sae.W_enc * sae.r_mag.exp()).mean(1) + sae.b_mag.mean()
+        else:
+            mean_pre = sae_in @ sae.W_enc.mean(1) + sae.b_enc.mean()
+        pre = torch.where(frozen_active, pre + (alpha * mean_pre).abs().unsqueeze(-1), pre)
+        acts = activate_columns(sae, sae_in, pre, features)
+    else:  # TopK and others: the activation reads every pre-activation
+        pre = pre_activations(sae, x)
+        margin = (alpha * pre.mean(-1, keepdim=True)).abs()
+        selected = pre[..., features]
+        pre = pre.index_copy(-1, features, torch.where(frozen_active, selected + margin, selected))
+        acts = sae.activation_fn(pre)[..., features]
+    acts = acts.float() * valid.unsqueeze(-1)
+    positive = acts[acts > 0]
+    return positive.mean() if positive.numel() else acts.sum() * 0.0
 
 
 def ablation_target(sae: Any, frozen: torch.Tensor, features: torch.Tensor, scale: float) -> torch.Tensor:
-    """Frozen hidden state with the selected latents scaled by `scale` where they fire (error term kept)."""
-    z = sae.encode(frozen.to(sae.W_enc.dtype))[..., features]
-    delta = ((scale - 1.0) * z) @ sae.W_dec[features]
-    return frozen + delta.to(frozen.dtype)
+    """Frozen hidden state with the selected latents scaled by `scale` where they fire (error term kept),
+    through the one feature edit (`saes.edit.apply_feature_edit`)."""
+    return apply_feature_edit(sae, frozen, features, scale_values(0.0, scale))
 
 
 def retain_kl(
@@ -205,7 +235,7 @@ class _CrispLoss:
             sae, feats = self.saes[layer].sae, self.features[layer].to(loaded.device)
             if cfg.objective == "published":
                 with torch.no_grad():
-                    active = sae.encode(frozen_f.hidden[layer].to(sae.W_enc.dtype))[..., feats] > 0
+                    active = encode_columns(sae, frozen_f.hidden[layer], feats) > 0
                 unlearn = unlearn + published_unlearn_loss(
                     sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.alpha
                 )

@@ -1,10 +1,9 @@
-"""The SAE edit shared by clamping and ablation, with the error term kept.
+"""The SAE edits of clamping and ablation as forward hooks, with the error term kept.
 
 x' = decode(z') + (x - decode(z)) = x + decode(z') - decode(z): the residual stream changes only by
-the decoded difference of the edited latents. For SAEs with a linear decoder (no output
-normalisation) that is (z'_S - z_S) @ W_dec[S] over the selected latents S, which we compute
-directly: unselected latents and the error term are untouched by construction, and tokens where
-nothing changes get exactly x back.
+the decoded difference of the edited latents, computed by `saes.edit.apply_feature_edit` (the one
+feature edit; SAELens' own encode, thresholds, normalisation and decode). Tokens where nothing
+changes, and BOS/padding/position 0 (models.hooks.TokenPolicy), get exactly x back.
 
 intervention.json (version 1):
     {"version": 1, "method": "clamp"|"ablate", "model": spec, "sae": spec,
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.models.hooks import edit_resid_post
+from sae_unlearn.models.hooks import CallTokens, EditFn, TokenPolicy, call_token_mask, edit_resid_post
+from sae_unlearn.saes.edit import NewValues, apply_feature_edit, clamp_values, refusal_values, scale_values
 from sae_unlearn.saes.loading import LoadedSAE
 
 INTERVENTION_VERSION = 1
@@ -82,60 +82,52 @@ class Intervention:
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
-def edited_latents(z: torch.Tensor, edit: LayerEdit) -> torch.Tensor:
-    """New values of the selected latents z [..., n_selected] (the columns in `edit.features` order)."""
+def edit_values(edit: LayerEdit) -> NewValues:
+    """The new values of the columns `edit_columns(edit)` as a function of their old values."""
     if edit.mode == "clamp":
-        return torch.where(z > edit.threshold, torch.full_like(z, edit.value), z)
+        return clamp_values(edit.threshold, edit.value)
     if edit.mode == "scale":
-        return torch.where(z > edit.threshold, z * edit.scale, z)
-    raise AssertionError("refusal edits are handled in make_edit_fn")
+        return scale_values(edit.threshold, edit.scale)
+    return refusal_values(edit.threshold, edit.value)
 
 
-def _linear_decoder(sae: Any) -> bool:
-    return getattr(sae.cfg, "normalize_activations", "none") == "none" and not getattr(
-        sae.cfg, "rescale_acts_by_decoder_norm", False
-    )
+def edit_columns(edit: LayerEdit) -> list[int]:
+    """The latents an edit reads: its features, then the refusal feature for the refusal clamp."""
+    if edit.mode == "refusal":
+        assert edit.refusal_feature is not None
+        return [*edit.features, edit.refusal_feature]
+    return list(edit.features)
 
 
-def make_edit_fn(loaded_sae: LoadedSAE, edit: LayerEdit, skip_ids: Sequence[int] = ()) -> Any:
+def make_edit_fn(loaded_sae: LoadedSAE, edit: LayerEdit, policy: TokenPolicy | Sequence[int] = ()) -> EditFn:
+    """The edit hook of one layer: `saes.edit.apply_feature_edit` on the tokens the policy keeps."""
     sae = loaded_sae.sae
-    idx = torch.tensor(edit.features, dtype=torch.long, device=sae.W_dec.device)
-    refusal = edit.refusal_feature
-    skip = torch.tensor(list(skip_ids), dtype=torch.long) if skip_ids else None
+    policy = policy if isinstance(policy, TokenPolicy) else TokenPolicy(tuple(policy))
+    cols = edit_columns(edit)
+    new_values = edit_values(edit)
 
-    def edit_fn(hidden: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    def edit_fn(hidden: torch.Tensor, tokens: CallTokens | None) -> torch.Tensor:
         if len(edit.features) == 0:
             return hidden
-        x = hidden.to(sae.W_enc.dtype)
-        z = sae.encode(x)
-        z_sel = z[..., idx]
-        if edit.mode == "refusal":
-            assert refusal is not None
-            fires = (z_sel > edit.threshold).any(-1, keepdim=True)
-            cols = torch.tensor([refusal], device=z.device)
-            old = z[..., cols]
-            new = torch.where(fires, torch.full_like(old, edit.value), old)
-        else:
-            cols, old, new = idx, z_sel, edited_latents(z_sel, edit)
-        if ids is not None and skip is not None and ids.shape == hidden.shape[:-1]:
-            keep = ~torch.isin(ids, skip.to(ids.device)).unsqueeze(-1)
-            new = torch.where(keep, new, old)
-        if _linear_decoder(sae):
-            delta = (new - old) @ sae.W_dec[cols]
-        else:
-            z_new = z.clone()
-            z_new[..., cols] = new
-            delta = sae.decode(z_new) - sae.decode(z)
-        return hidden + delta.to(hidden.dtype)
+        keep = call_token_mask(tokens, policy) if tokens is not None else None
+        if keep is not None and keep.shape != hidden.shape[:-1]:
+            keep = None
+        return apply_feature_edit(sae, hidden, cols, new_values, keep)
 
     return edit_fn
 
 
 @contextlib.contextmanager
 def install(
-    model: Any, saes: Sequence[LoadedSAE], intervention: Intervention, skip_ids: Sequence[int] = ()
+    model: Any,
+    saes: Sequence[LoadedSAE],
+    intervention: Intervention,
+    policy: TokenPolicy | Sequence[int] = (),
 ) -> Iterator[None]:
-    """Install the intervention as forward hooks; they are removed on exit (the model is bit-identical again)."""
+    """Install the intervention as forward hooks; they are removed on exit (the model is bit-identical again).
+
+    `policy` (models.hooks.token_policy(tokenizer)) names the positions never edited: BOS, padding and,
+    for tokenizers without BOS, position 0. A plain list of ids skips those ids only."""
     by_layer = {s.layer: s for s in saes}
     fns = {}
     for edit in intervention.edits:
@@ -155,6 +147,6 @@ def install(
                 f"feature {bad[0]} is outside the layer-{edit.layer} SAE's width {width}",
                 "the intervention was made with other SAEs",
             )
-        fns[edit.layer] = make_edit_fn(by_layer[edit.layer], edit, skip_ids)
+        fns[edit.layer] = make_edit_fn(by_layer[edit.layer], edit, policy)
     with edit_resid_post(model, fns):
         yield

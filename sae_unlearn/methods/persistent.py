@@ -18,7 +18,12 @@ from sae_unlearn.evaluation.text import fluency_metrics
 from sae_unlearn.io import atomic_dir
 from sae_unlearn.methods.base import MethodContext
 from sae_unlearn.models.generation import generate
-from sae_unlearn.models.hooks import capture_resid_post, decoder_body, special_token_ids, valid_token_mask
+from sae_unlearn.models.hooks import (
+    capture_resid_post,
+    capture_resid_post_and_final,
+    token_policy,
+    valid_token_mask,
+)
 from sae_unlearn.runs import TrainLog
 
 log = logging.getLogger(__name__)
@@ -29,7 +34,7 @@ LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    valid: torch.Tensor  # no BOS, no padding
+    valid: torch.Tensor  # no BOS, no padding, no position 0 without BOS (models.hooks.TokenPolicy)
 
 
 @dataclass
@@ -46,25 +51,21 @@ class TrainState:
     fluency_ratio: float | None = None
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device) -> Batch:
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device, keep_first: bool = False
+) -> Batch:
     tokenizer.padding_side = "right"
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-    valid = valid_token_mask(enc.input_ids, enc.attention_mask, special_token_ids(tokenizer))
+    valid = valid_token_mask(enc.input_ids, enc.attention_mask, token_policy(tokenizer, keep_first))
     return Batch(enc.input_ids, enc.attention_mask, valid)
 
 
 def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None, final: bool = False) -> Hidden:
-    """resid_post at `layers` (forward stopped at the deepest unless `final`) and/or the final normed
-    hidden state (`final`, or `layers` None)."""
+    """resid_post (block outputs) at `layers` (forward stopped at the deepest unless `final`) and/or
+    the final normed hidden state (`final`, or `layers` None), all from `models.hooks`."""
     if layers is None or final:
-        out = decoder_body(model)(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=layers is not None,
-            use_cache=False,
-        )
-        hidden = {layer: out.hidden_states[layer + 1] for layer in layers or []}
-        return Hidden(hidden, out.last_hidden_state)
+        hidden, last = capture_resid_post_and_final(model, batch.input_ids, batch.attention_mask, layers or [])
+        return Hidden(hidden, last)
     return Hidden(capture_resid_post(model, batch.input_ids, batch.attention_mask, layers))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ BLOCK_PATHS = (
     "transformer.blocks",
 )
 
-EditFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+EditFn = Callable[[torch.Tensor, "CallTokens"], torch.Tensor]
 
 
 def hook_name(layer: int) -> str:
@@ -114,9 +115,34 @@ def capture_resid_post(
 
     Gradients flow if the caller enables them (used by CRISP's losses).
     """
-    check_layers(model, layers)
+    return _capture(model, input_ids, attention_mask, layers, stop_early)[0]
+
+
+def capture_resid_post_and_final(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Sequence[int]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({layer: resid_post}, final normed hidden state) from one full pass of the body.
+
+    The resid_post of every layer, the last block's included, is the block's output, as in
+    `capture_resid_post`; Hugging Face's `hidden_states[-1]` is after the final norm in most models
+    and is never used for an SAE layer. The final state is the body's `last_hidden_state`.
+    """
+    captured, final = _capture(model, input_ids, attention_mask, layers, stop_early=False)
+    assert final is not None
+    return captured, final
+
+
+def _capture(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers: Sequence[int],
+    stop_early: bool,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    if layers:
+        check_layers(model, layers)
     blocks = decoder_blocks(model)
-    deepest = max(layers)
+    deepest = max(layers) if layers else -1
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: int) -> Callable[..., None]:
@@ -128,38 +154,61 @@ def capture_resid_post(
         return hook
 
     handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in sorted(set(layers))]
+    final = None
     try:
-        decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        final = out.last_hidden_state
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return captured
+    return captured, final
+
+
+@dataclass
+class CallTokens:
+    """The tokens of one forward call, as an edit hook sees them."""
+
+    input_ids: torch.Tensor | None  # None when the caller passed embeddings
+    attention_mask: torch.Tensor | None
+    starts_sequence: bool  # the call holds position 0 (no KV cache before it)
 
 
 @contextlib.contextmanager
 def edit_resid_post(model: nn.Module, edits: dict[int, EditFn]) -> Iterator[None]:
-    """Replace the resid_post of the given blocks by `fn(hidden, token_ids)` while inside the block.
+    """Replace the resid_post of the given blocks by `fn(hidden, tokens)` while inside the block.
 
-    `token_ids` are the ids fed to the model in this call (so an edit can skip BOS), or None when
-    the caller passed embeddings. Hooks are removed on exit, leaving the model bit-identical.
+    `tokens` (CallTokens) are the ids and attention mask fed to the body in this call, and whether
+    the call starts the sequences (so an edit can skip BOS, padding and position 0). Hooks are
+    removed on exit, leaving the model bit-identical.
     """
     check_layers(model, list(edits))
     blocks = decoder_blocks(model)
-    state: dict[str, torch.Tensor | None] = {"ids": None}
+    state = {"tokens": CallTokens(None, None, True)}
 
-    def remember_ids(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        state["ids"] = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    def remember(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache_position = kwargs.get("cache_position")
+        past = kwargs.get("past_key_values")
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            starts = int(cache_position.reshape(-1)[0]) == 0
+        else:
+            starts = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+        attn = kwargs.get("attention_mask")
+        state["tokens"] = CallTokens(
+            ids if isinstance(ids, torch.Tensor) else None,
+            attn if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None,
+            starts,
+        )
 
     def make_hook(fn: EditFn) -> Callable[..., Any]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            return _replace_output(output, fn(_block_output(output), state["ids"]))
+            return _replace_output(output, fn(_block_output(output), state["tokens"]))
 
         return hook
 
-    embed = _unwrap(model).get_input_embeddings()  # type: ignore[operator]
-    handles = [embed.register_forward_pre_hook(remember_ids)]
+    handles = [decoder_body(model).register_forward_pre_hook(remember, with_kwargs=True)]
     handles += [blocks[layer].register_forward_hook(make_hook(fn)) for layer, fn in edits.items()]
     try:
         yield
@@ -168,14 +217,60 @@ def edit_resid_post(model: nn.Module, edits: dict[int, EditFn]) -> Iterator[None
             handle.remove()
 
 
+@dataclass(frozen=True)
+class TokenPolicy:
+    """Which positions count in statistics, selection, losses and edits: never padding or the
+    special ids (BOS, pad); and never position 0 when the tokenizer adds no BOS, since that first
+    token is the attention sink with outsized activations (the CRISP reference always drops it),
+    unless `keep_first`."""
+
+    special_ids: tuple[int, ...] = ()
+    drop_first: bool = False
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts its BOS token first when encoding text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def token_policy(tokenizer: Any, keep_first: bool = False) -> TokenPolicy:
+    """The positions policy of a tokenizer: see TokenPolicy."""
+    return TokenPolicy(tuple(special_token_ids(tokenizer)), drop_first=not keep_first and not adds_bos(tokenizer))
+
+
 def valid_token_mask(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, special_ids: Sequence[int]
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    policy: TokenPolicy | Sequence[int],
+    starts_sequence: bool = True,
 ) -> torch.Tensor:
-    """True on tokens that count in statistics and losses: not padding, not BOS (or other specials)."""
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if special_ids:
-        mask &= ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    """True on tokens that count: the one place masks are built (see TokenPolicy). A plain list of
+    ids is the policy that masks those ids and padding only. `starts_sequence` False: the call
+    continues cached sequences, so it holds no position 0."""
+    if not isinstance(policy, TokenPolicy):
+        policy = TokenPolicy(tuple(policy))
+    attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    mask = attended.clone()
+    if policy.special_ids:
+        mask &= ~torch.isin(input_ids, torch.tensor(list(policy.special_ids), device=input_ids.device))
+    if policy.drop_first and starts_sequence and mask.numel():
+        first = attended.int().argmax(-1)  # the first attended position of each row (left or right padding)
+        mask[torch.arange(mask.shape[0], device=mask.device), first] = False
     return mask
+
+
+def call_token_mask(tokens: CallTokens, policy: TokenPolicy) -> torch.Tensor | None:
+    """valid_token_mask of one forward call seen by an edit hook; None when its ids are unknown."""
+    if tokens.input_ids is None:
+        return None
+    attn = tokens.attention_mask
+    if attn is not None and attn.shape != tokens.input_ids.shape:
+        attn = attn[:, -tokens.input_ids.shape[1] :]  # cached generation: the mask covers past tokens too
+    return valid_token_mask(tokens.input_ids, attn, policy, tokens.starts_sequence)
 
 
 def special_token_ids(tokenizer: Any) -> list[int]:

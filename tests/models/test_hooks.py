@@ -7,6 +7,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.models.hooks import (
     capture_resid_post,
     decoder_blocks,
+    CallTokens,
     edit_resid_post,
     hook_name,
     parse_hook_name,
@@ -58,13 +59,16 @@ def test_edit_hook_sees_token_ids() -> None:
     seen = {}
     ids = torch.randint(3, 300, (1, 4))
 
-    def fn(h: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
-        seen["ids"] = token_ids
+    def fn(h: torch.Tensor, tokens: CallTokens) -> torch.Tensor:
+        seen.setdefault("calls", []).append(tokens)
         return h
 
     with torch.no_grad(), edit_resid_post(model, {0: fn}):
         model(input_ids=ids)
-    assert torch.equal(seen["ids"], ids)
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=2)
+    first, *generation = seen["calls"]
+    assert torch.equal(first.input_ids, ids) and first.starts_sequence
+    assert generation[0].starts_sequence and not generation[-1].starts_sequence  # the prompt, then cached steps
 
 
 def test_masks_bos_and_padding(tokenizer) -> None:
