@@ -97,9 +97,9 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     probe = dataclasses.replace(loaded, model=model)
     totals = dict.fromkeys(selection.by_layer(), 0.0)
     for batch in iter_batches(texts, loaded.tokenizer, 8, 256):
-        latents, mask = encode_layers(probe, saes, batch)
-        for layer, idx in selection.by_layer().items():
-            totals[layer] += float((latents[layer][..., idx].clamp_min(0) * mask.unsqueeze(-1)).sum())
+        latents, mask = encode_layers(probe, saes, batch, columns=selection.by_layer())  # selected latents only
+        for layer in selection.by_layer():
+            totals[layer] += float((latents[layer].clamp_min(0) * mask.unsqueeze(-1)).sum())
     return totals
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_unlearn.evaluation.scoring import logits_at
-from sae_unlearn.models.hooks import special_token_ids, valid_token_mask
+from sae_unlearn.models.hooks import token_policy, valid_token_mask
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
     total, count = 0.0, 0
-    specials = special_token_ids(tokenizer)
+    specials = token_policy(tokenizer)
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
             list(texts[start : start + batch_size]),

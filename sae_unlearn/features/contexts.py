@@ -51,11 +51,11 @@ def collect_examples(
     tokens: dict[str, list[list[int]]] = {side: [] for side in corpora}
     for side, texts in corpora.items():
         for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
-            latents, mask = encode_layers(loaded, wanted, batch)
+            latents, mask = encode_layers(loaded, wanted, batch, columns=by_layer)  # only the selected latents
             base = len(tokens[side])
             tokens[side].extend(batch["input_ids"].tolist())
             for layer, idxs in by_layer.items():
-                z = latents[layer][..., idxs].cpu() * mask.unsqueeze(-1).cpu()
+                z = latents[layer].cpu() * mask.unsqueeze(-1).cpu()
                 for j, index in enumerate(idxs):
                     ex = out[(layer, index)]
                     zj = z[..., j]

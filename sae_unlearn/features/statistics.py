@@ -1,14 +1,16 @@
 """Streaming SAE feature statistics over a forget and a retain corpus (all SAE layers from one pass).
 
 Per layer and latent: firing counts (activation > 0), summed and max activations, over valid tokens
-only (BOS and padding masked). Cached on disk, keyed by a hash of model, SAEs, corpora and settings.
+only (BOS, padding and, for tokenizers without BOS, position 0 masked: models.hooks.TokenPolicy).
+TopK SAEs are encoded sparsely (k entries per token); others in chunks of LATENT_CHUNK latents.
+Cached on disk, keyed by a hash of model, SAEs, corpora and settings.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_write_text, cache_dir, hash_json, sha256_file
-from sae_unlearn.models.hooks import capture_resid_post, special_token_ids, valid_token_mask
+from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.saes.edit import encode_columns
 from sae_unlearn.saes.loading import LoadedSAE, encode_topk_sparse
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 2
+STATS_VERSION = 3  # 3: position 0 masked for tokenizers without BOS
+LATENT_CHUNK = 8192  # latents encoded at once for non-TopK SAEs (memory ~ tokens x this)
 SIDES = ("forget", "retain")
 
 
@@ -72,43 +76,68 @@ def iter_batches(
 
 
 def _resid_and_mask(
-    loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor]
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor], keep_first: bool = False
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """resid_post at the SAEs' layers (one forward pass, stopped at the deepest) and the valid-token mask."""
+    """resid_post at the SAEs' layers (one forward pass, stopped at the deepest) and the valid-token
+    mask (models.hooks.TokenPolicy: no BOS, padding, or position 0 without BOS unless `keep_first`)."""
     ids = batch["input_ids"].to(loaded.device)
     attn = batch["attention_mask"].to(loaded.device)
     with torch.no_grad():
         acts = capture_resid_post(loaded.model, ids, attn, [s.layer for s in saes])
-    return acts, valid_token_mask(ids, attn, special_token_ids(loaded.tokenizer))
+    return acts, valid_token_mask(ids, attn, token_policy(loaded.tokenizer, keep_first))
 
 
 def encode_layers(
     loaded: LoadedModel,
     saes: Sequence[LoadedSAE],
     batch: dict[str, torch.Tensor],
+    columns: Mapping[int, Sequence[int]] | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """SAE latents [B, T, d_sae] per layer for one batch, and the valid-token mask [B, T]."""
-    acts, mask = _resid_and_mask(loaded, saes, batch)
+    """SAE latents [B, T, d_sae] per layer for one batch, and the valid-token mask [B, T].
+
+    With `columns` ({layer: latent ids}), only those latents are encoded (`saes.edit.encode_columns`)
+    and each layer's tensor is [B, T, len(columns[layer])] in that order."""
+    wanted = [s for s in saes if columns is None or s.layer in columns]
+    acts, mask = _resid_and_mask(loaded, wanted, batch)
     with torch.no_grad():
-        latents = {s.layer: s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype)).float() for s in saes}
+        if columns is None:
+            latents = {s.layer: s.sae.encode(acts[s.layer].to(s.sae.W_enc.dtype)).float() for s in wanted}
+        else:
+            latents = {s.layer: encode_columns(s.sae, acts[s.layer], list(columns[s.layer])).float() for s in wanted}
     return latents, mask
 
 
+Latents = tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
+
+
 def encode_valid_tokens(
-    loaded: LoadedModel, saes: Sequence[LoadedSAE], batch: dict[str, torch.Tensor]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    batch: dict[str, torch.Tensor],
+    chunk_latents: int = LATENT_CHUNK,
+) -> dict[int, Latents]:
     """Per layer, the latents of the valid tokens only (BOS/padding never encoded): (values, ids) [N, k]
-    for TopK SAEs, else a dense [N, d_sae] tensor."""
+    for TopK SAEs; for other SAEs a list of dense [N, <= chunk_latents] blocks of consecutive latents,
+    each encoded on its own (`encode_columns`), so memory is bounded by a chunk, not by N x d_sae."""
     acts, mask = _resid_and_mask(loaded, saes, batch)
-    out: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+    out: dict[int, Latents] = {}
     with torch.no_grad():
         for s in saes:
             x = acts[s.layer][mask].to(s.sae.W_enc.dtype)
-            out[s.layer] = encode_topk_sparse(s.sae, x) or s.sae.encode(x)
+            sparse = encode_topk_sparse(s.sae, x)
+            if sparse is not None:
+                out[s.layer] = sparse
+            elif s.d_sae <= chunk_latents:
+                out[s.layer] = [s.sae.encode(x)]
+            else:
+                out[s.layer] = [
+                    encode_columns(s.sae, x, list(range(start, min(start + chunk_latents, s.d_sae))))
+                    for start in range(0, s.d_sae, chunk_latents)
+                ]
     return out
 
 
-def _accumulate(acc: dict[str, Any], side: str, latents: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> None:
+def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
     if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
         values, ids = latents
         v, i = values.flatten().float().cpu(), ids.flatten().cpu()
@@ -116,13 +145,17 @@ def _accumulate(acc: dict[str, Any], side: str, latents: tuple[torch.Tensor, tor
         acc[f"{side}_count"] += torch.bincount(i[v > 0], minlength=len(acc[f"{side}_count"]))
         acc[f"{side}_sum"].index_add_(0, i, v)
         acc[f"{side}_max"].scatter_reduce_(0, i, v, "amax")
-    else:
-        z = latents.float().cpu()
-        n_tokens = z.shape[0]
-        acc[f"{side}_count"] += (z > 0).sum(0)
-        acc[f"{side}_sum"] += z.sum(0)
-        if n_tokens:
-            torch.maximum(acc[f"{side}_max"], z.max(0).values, out=acc[f"{side}_max"])
+    else:  # consecutive blocks of latents
+        n_tokens = latents[0].shape[0] if latents else 0
+        start = 0
+        for block in latents:
+            z = block.float().cpu()
+            cols = slice(start, start + z.shape[1])
+            acc[f"{side}_count"][cols] += (z > 0).sum(0)
+            acc[f"{side}_sum"][cols] += z.sum(0)
+            if n_tokens:
+                acc[f"{side}_max"][cols] = torch.maximum(acc[f"{side}_max"][cols], z.max(0).values)
+            start += z.shape[1]
     acc[f"{side}_tokens"] += n_tokens
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_unlearn.models.hooks import capture_resid_post, edit_resid_post, special_token_ids, valid_token_mask
+from sae_unlearn.models.hooks import capture_resid_post, edit_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.loading import LoadedSAE
 from sae_unlearn.saes.training import _batched, pack_sequences
@@ -61,7 +61,7 @@ def evaluate_saes(
     batch: int = 8,
 ) -> list[SAEQuality]:
     layers = [s.layer for s in saes]
-    specials = special_token_ids(loaded.tokenizer)
+    specials = token_policy(loaded.tokenizer)
     acc: dict[int, dict[str, Any]] = {
         s.layer: {
             "n": 0,
