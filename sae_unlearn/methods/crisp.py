@@ -58,8 +58,20 @@ class CrispConfig:
     lora_r: int = 4
     lora_alpha: int | None = None  # default 2r
     lora_dropout: float = 0.05
+    # Llama/Gemma/Qwen/Mistral names, then GPT-2's (c_attn, c_proj, c_fc); the ones a model lacks are skipped
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "c_attn",
+            "c_proj",
+            "c_fc",
+        ]
     )
     lora_layers: list[int] | None = None  # default: from one below the first SAE layer to the deepest
     steps: int = 100
