@@ -5,9 +5,9 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.models.hooks import (
+    CallTokens,
     capture_resid_post,
     decoder_blocks,
-    CallTokens,
     edit_resid_post,
     hook_name,
     parse_hook_name,
@@ -84,3 +84,24 @@ def test_hook_names_and_bad_layers() -> None:
         parse_hook_name("blocks.3.hook_mlp_out")
     with pytest.raises(UserError, match="out of range"):
         capture_resid_post(tiny_model("llama", 300), torch.ones(1, 3, dtype=torch.long), None, [9])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_last_block_resid_post_is_the_block_output_not_the_normed_state(family: str) -> None:
+    from sae_unlearn.methods.persistent import Batch, hidden_at_layers
+
+    model = tiny_model(family, vocab_size=300)
+    last = len(decoder_blocks(model)) - 1
+    ids = torch.randint(3, 300, (2, 6))
+    final_norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    seen = {}
+    final_norm.register_forward_pre_hook(lambda _m, args: seen.setdefault("into_norm", args[0]))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        captured = capture_resid_post(model, ids, None, [last])[last]
+        batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+        both = hidden_at_layers(model, batch, [1, last], final=True)
+    torch.testing.assert_close(captured, seen["into_norm"], rtol=0, atol=0)  # the block output
+    torch.testing.assert_close(both.hidden[last], captured, rtol=0, atol=0)  # one path, with or without final
+    torch.testing.assert_close(both.final, out.hidden_states[-1], rtol=0, atol=0)  # the final normed state
+    assert not torch.allclose(captured, out.hidden_states[-1])
