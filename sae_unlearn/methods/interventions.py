@@ -8,7 +8,10 @@ changes, and BOS/padding/position 0 (models.hooks.TokenPolicy), get exactly x ba
 intervention.json (version 1):
     {"version": 1, "method": "clamp"|"ablate", "model": spec, "sae": spec,
      "edits": [{"layer": L, "features": [i, ...], "mode": "clamp"|"scale"|"refusal",
-                "threshold": t, "value": v, "scale": s, "refusal_feature": r|null}]}
+                "threshold": t, "value": v, "scale": s, "refusal_feature": r|null,
+                "basis": {how t and v were chosen}|null}]}
+A refusal edit reads the columns [*features, refusal_feature]: where any feature is above t, the
+refusal feature is set to v; the features themselves stay (docs/saes.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LayerEdit:
     value: float = -100.0
     scale: float = -3.0
     refusal_feature: int | None = None
+    basis: dict[str, Any] | None = None  # how threshold and value were chosen (clamp: derived or explicit)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

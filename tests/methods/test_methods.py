@@ -290,3 +290,47 @@ def test_frozen_reference_reuses_states_that_match_a_fresh_pass(loaded) -> None:
         assert not capped.store
     finally:
         loaded.model = model.unload()
+
+
+def test_clamp_defaults_derive_from_forget_statistics_and_explicit_values_win(setup, tmp_path: Path) -> None:
+    from sae_unlearn.methods.clamp import derived_clamp
+
+    loaded, saes, pack, selection, spec = setup
+    run = unlearn("clamp", loaded, pack, tmp_path / "derived", saes=saes, sae_spec=spec, features=selection)
+    edits = json.loads((run / "intervention.json").read_text())["edits"]
+    for edit in edits:
+        feats = [f for f in selection.features if f.layer == edit["layer"]]
+        means = sorted(f.forget_sum / f.forget_count for f in feats if f.forget_count)
+        maxima = sorted(f.forget_max for f in feats if f.forget_max > 0)
+        median = lambda v: (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # noqa: E731
+        assert edit["threshold"] == pytest.approx(0.5 * median(means))
+        assert edit["value"] == pytest.approx(-median(maxima)) and edit["value"] < 0
+        assert edit["basis"]["value"] == "derived" and edit["basis"]["median_max_forget_activation"] > 0
+        assert derived_clamp(feats, 0.5, 1.0)["value"] == pytest.approx(edit["value"])
+    run = unlearn(
+        "clamp",
+        loaded,
+        pack,
+        tmp_path / "explicit",
+        options={"value": -5.0},
+        saes=saes,
+        sae_spec=spec,
+        features=selection,
+    )
+    edits = json.loads((run / "intervention.json").read_text())["edits"]
+    assert all(e["value"] == -5.0 and e["basis"]["value"] == "explicit" for e in edits)
+    assert Intervention.load(run / "intervention.json").edits[0].value == -5.0
+
+
+def test_refusal_clamp_keeps_the_other_layers_clamps(setup, tmp_path: Path) -> None:
+    loaded, saes, pack, selection, spec = setup
+    layers = sorted(selection.by_layer())
+    assert len(layers) == 2
+    options = {"refusal_feature": f"{layers[0]}:7", "value": -4.0}
+    run = unlearn(
+        "clamp", loaded, pack, tmp_path / "refusal", options=options, saes=saes, sae_spec=spec, features=selection
+    )
+    edits = {e["layer"]: e for e in json.loads((run / "intervention.json").read_text())["edits"]}
+    assert edits[layers[0]]["mode"] == "refusal" and edits[layers[0]]["refusal_feature"] == 7
+    assert edits[layers[0]]["value"] == 4.0  # default: the refusal feature turned on, |value|
+    assert edits[layers[1]]["mode"] == "clamp" and edits[layers[1]]["value"] == -4.0
