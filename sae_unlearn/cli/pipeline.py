@@ -128,6 +128,9 @@ def unlearn(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    preset: Annotated[
+        str | None, typer.Option(help="published settings: crisp-paper or clamp-paper (its SAEs, k and options)")
+    ] = None,
 ) -> None:
     """Run an unlearning method and write a run directory."""
     from sae_unlearn.concepts.pack import load_pack
@@ -147,6 +150,11 @@ def unlearn(
         _check_out(out, overwrite)
     pack = load_pack(concept)
     loaded = load_model(model, dtype=dtype, device=device)
+    if preset is not None:  # the preset's SAEs and k unless given; its options go to run_unlearn below
+        from sae_unlearn.methods.preset import load_preset, model_family
+
+        chosen = load_preset(preset, model_family(loaded.model))
+        sae, k = (chosen.sae if sae == "shipped" else sae), (chosen.k if k == 10 else k)
     saes, selection = [], None
     if METHODS[method].needs_saes:
         saes = load_saes_for(loaded, sae)
@@ -171,6 +179,7 @@ def unlearn(
             features=selection,
             resume=resume,
             progress=progress,
+            preset=preset,
         )
     stdout.print(
         f"run written to {out} (evaluate: sae-unlearn eval --run {out} --concept {concept} --out results.json)"

@@ -23,6 +23,7 @@ from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.methods import clamp, crisp, rmu  # noqa: F401  (registration)
 from sae_unlearn.methods.base import METHODS, MethodContext, method_config
 from sae_unlearn.methods.interventions import Intervention, install
+from sae_unlearn.methods.preset import load_preset, model_family
 from sae_unlearn.models.hooks import decoder_blocks, token_policy
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import RUN_VERSION, check_same_model, read_config, versions
@@ -44,8 +45,18 @@ def unlearn(
     features: FeatureSelection | None = None,
     resume: bool = False,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    preset: str | None = None,
 ) -> Path:
-    """Run a method and write its run directory (config.json, features.json, artifact, train log)."""
+    """Run a method and write its run directory (config.json, features.json, artifact, train log).
+
+    `preset` (e.g. crisp-paper): the published options for this model's family, under `options`."""
+    if preset is not None:
+        chosen = load_preset(preset, model_family(loaded.model))
+        if chosen.method != method:
+            raise UserError(
+                f"preset {preset} is for method {chosen.method}, not {method}", f"pass --method {chosen.method}"
+            )
+        options = chosen.merged_options(options)
     config = method_config(method, options or {})
     cls = METHODS[method]
     if cls.needs_saes and (features is None or not saes):

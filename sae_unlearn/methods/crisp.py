@@ -75,6 +75,7 @@ class CrispConfig:
     )
     lora_layers: list[int] | None = None  # default: from one below the first SAE layer to the deepest
     steps: int = 100
+    epochs: float | None = None  # set: steps = ceil(epochs x forget training paragraphs / batch_size)
     batch_size: int = 4
     max_length: int = 128
     lr: float = 1e-3  # published: 1e-5 (Gemma-2-2B, 625 steps); third parties 1e-4..5e-4
@@ -171,6 +172,10 @@ class CrispMethod(Method):
         if missing:
             raise UserError(f"features were selected on layers {missing} but no SAE for them is loaded")
         lora_layers = cfg.lora_layers if cfg.lora_layers is not None else default_lora_layers(list(by_layer))
+        steps = cfg.steps
+        if cfg.epochs is not None:
+            steps = max(1, math.ceil(cfg.epochs * len(ctx.pack.forget_split("train")) / cfg.batch_size))
+            log.info("%s epoch(s) of %d-paragraph batches: %d steps", cfg.epochs, cfg.batch_size, steps)
         if max(lora_layers) < max(by_layer):
             log.warning(
                 "LoRA reaches block %d but the deepest SAE layer is %d: features there can only change "
@@ -192,7 +197,7 @@ class CrispMethod(Method):
         loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
         summary = trainer.train(
             loss_fn,
-            cfg.steps,
+            steps,
             cfg.checkpoint_every,
             fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
             max_fluency_ratio=cfg.max_fluency_ratio,
