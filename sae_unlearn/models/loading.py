@@ -163,13 +163,33 @@ def convert_gguf_to_cache(path: Path, name: str) -> Path:
     return target
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def _gated(e: BaseException) -> bool:
+    """Whether loading failed because the hub repo is gated (licence not accepted, or no token)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, GatedRepoError) or "gated repo" in str(chain).lower():
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _load_pretrained(
+    source: str, dtype: torch.dtype, device: torch.device, revision: str | None = None
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision)
     except OSError as e:
+        if _gated(e):
+            raise UserError(
+                f"model {source!r} is gated on the Hugging Face hub: its licence must be accepted first",
+                f"accept it at https://huggingface.co/{source} with your account, then run "
+                "`huggingface-cli login` (or set HF_TOKEN) and try again",
+            ) from e
         if Path(source).exists():
             raise UserError(
                 f"cannot load model from {source}: {str(e).splitlines()[0]}",
@@ -187,9 +207,20 @@ def _load_pretrained(source: str, dtype: torch.dtype, device: torch.device) -> t
     return model, tokenizer
 
 
-def load_model(spec: str = "embedded", dtype: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a causal LM: `embedded`, `embedded-small`, a `.gguf` path, a local directory or a hub id."""
+def load_model(
+    spec: str = "embedded", dtype: str | None = None, device: str = "cpu", revision: str | None = None
+) -> LoadedModel:
+    """Load a causal LM: `embedded`, `embedded-small`, a `.gguf` path, a local directory or a hub id.
+
+    A hub id pins a revision (commit, tag or branch) with `revision` or as `ORG/NAME@REVISION`; the
+    revision becomes part of the model's source, so caches keyed on it (feature statistics) and run
+    checks tell revisions apart."""
     start = time.perf_counter()
+    if "@" in spec and spec.count("/") == 1 and not Path(spec).expanduser().exists():
+        spec_id, _, pinned = spec.partition("@")
+        if revision is not None and revision != pinned:
+            raise UserError(f"two revisions given for {spec_id}: {pinned} and {revision}", "give one")
+        spec, revision = spec_id, pinned
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if spec in EMBEDDED_ALIASES:
@@ -213,9 +244,13 @@ def load_model(spec: str = "embedded", dtype: str | None = None, device: str = "
             f"unknown model {spec!r}",
             "use embedded, embedded-small, a hub id like google/gemma-2-2b, a local directory or a .gguf file",
         )
-    model, tokenizer = _load_pretrained(source, torch_dtype, torch_device)
+    if revision is not None and source != spec:
+        raise UserError(f"--revision applies to hub ids, not to {spec}", "drop the revision")
+    model, tokenizer = _load_pretrained(source, torch_dtype, torch_device, revision)
     model = model.to(torch_device).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if revision is not None:
+        spec, source = f"{spec}@{revision}", f"{source}@{revision}"
     return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start)

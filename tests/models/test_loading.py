@@ -56,3 +56,39 @@ def test_dtype_and_device_options() -> None:
         resolve_dtype("int3", torch.device("cpu"))
     with pytest.raises(UserError, match="unknown device"):
         resolve_device("tpu")
+
+
+def test_gated_hub_model_says_accept_the_licence_and_log_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def gated(*_a, **_k):  # what transformers raises for a gated repo without access
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at https://hf.co/x.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(UserError, match=r"gated.*licence") as e:
+        load_model("google/gemma-2-2b")
+    assert "huggingface-cli login" in str(e.value) and "HF_TOKEN" in str(e.value) and "check the id" not in str(e.value)
+
+
+def test_revision_is_passed_to_the_hub_and_keys_the_source(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    import transformers
+
+    from tests.conftest import tiny_model
+
+    seen: list[str | None] = []
+
+    def fake(kind):
+        def from_pretrained(source, *_a, revision=None, **_k):
+            seen.append(revision)
+            return tokenizer if kind == "tok" else tiny_model("llama", len(tokenizer))
+
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tok"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake("model"))
+    pinned = load_model("org/model@abc123", dtype="float32")
+    assert seen == ["abc123", "abc123"] and pinned.source == "org/model@abc123" and pinned.spec == "org/model@abc123"
+    assert load_model("org/model", dtype="float32", revision="v2").source == "org/model@v2"
+    assert load_model("org/model", dtype="float32").source == "org/model"
+    with pytest.raises(UserError, match="two revisions"):
+        load_model("org/model@a", revision="b")
