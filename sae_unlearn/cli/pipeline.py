@@ -215,7 +215,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 r["retention"]["retain_heldout_ppl"] or "—",
                 flu.get("base_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
-                (r.get("adversarial") or {}).get("worst_case", {}).get("acc", "—"),
+                (r.get("adversarial") or {}).get("any_template_accuracy", {}).get("acc", "—"),
                 relearn["curve"][-1]["target_acc"] if relearn else "—",
             ]
         )

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.evaluation.compare import CompareConfig, compare
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
@@ -18,7 +20,8 @@ def test_evaluate_base_and_run(loaded, sae_dir, pack_dir, tmp_path: Path) -> Non
     base = evaluate(loaded, pack, None, cfg=FAST)
     assert set(base["probes"]["rings"]) == {"target", "near", "mid", "far"}
     assert base["retention"]["retain_heldout_ppl"] > 1 and base["relearning"]["curve"][0]["step"] == 0
-    assert base["adversarial"]["worst_case"]["n"] == 2 and base["reactivation"] is None
+    assert base["adversarial"]["any_template_accuracy"]["n"] == 2 and base["reactivation"] is None
+    assert base["adversarial"]["chance"]["any_template"] == pytest.approx(1 - 0.75**6)
     saes = load_saes(str(sae_dir))
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), with_examples=False)
     run = unlearn(
