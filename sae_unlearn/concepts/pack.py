@@ -10,7 +10,9 @@ A pack is a directory with `concept.toml`:
     [files.coherence]  path = "coherence.txt"  provenance = "..."   # one prompt per line
     [files.probes]     path = "probes.jsonl"   provenance = "..."
 
-Probe lines: {"id", "prompt", "answer", "distractors": [3 strings], "ring": target|near|mid|far}.
+Probe lines: {"id", "prompt", "answer", "distractors": [strings], "ring": target|near|mid|far}, or the
+WMDP/MMLU rows {"question", "choices", "answer": index} and column JSON of mcq.py (`ring = "target"` under
+[files.probes] labels a file without ring fields).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sae_unlearn.concepts.corpus import read_corpus
 from sae_unlearn.errors import UserError
@@ -134,58 +135,12 @@ def resolve_pack_dir(spec: str | Path) -> Path:
     raise UserError(f"unknown concept pack {spec!r}", f"use a built-in pack ({', '.join(list_packs())}) or a directory")
 
 
-def load_probes(path: Path) -> list[Probe]:
-    """Read and validate a probe JSONL file; errors name the file, line and field."""
-    if not path.exists():
-        raise UserError(f"probe file not found: {path}", "check the path")
-    probes: list[Probe] = []
-    seen: set[str] = set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text", "convert it with iconv -t utf-8") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object")
-        for key in ("id", "prompt", "answer", "ring"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise UserError(f"{where}: field {key!r} is missing or not a non-empty string")
-        distractors = row.get("distractors")
-        if (
-            not isinstance(distractors, list)
-            or len(distractors) < 1
-            or not all(isinstance(d, str) and d.strip() for d in distractors)
-        ):
-            raise UserError(f"{where}: field 'distractors' must be a list of non-empty strings")
-        if row["ring"] not in RINGS:
-            raise UserError(f"{where}: field 'ring' is {row['ring']!r}", f"use one of {', '.join(RINGS)}")
-        lowered = [d.strip().lower() for d in distractors]
-        if row["answer"].strip().lower() in lowered:
-            raise UserError(f"{where}: field 'distractors' contains the answer {row['answer']!r}")
-        if len(set(lowered)) != len(lowered):
-            raise UserError(f"{where}: field 'distractors' repeats an option")
-        if row["id"] in seen:
-            raise UserError(f"{where}: field 'id' {row['id']!r} is used twice")
-        seen.add(row["id"])
-        probes.append(
-            Probe(
-                row["id"],
-                row["prompt"].strip(),
-                row["answer"].strip(),
-                tuple(d.strip() for d in distractors),
-                row["ring"],
-            )
-        )
-    if not probes:
-        raise UserError(f"probe file {path} has no probes")
-    return probes
+def load_probes(path: Path, ring: str | None = None) -> list[Probe]:
+    """Read and validate a probe file (pack JSONL, WMDP/MMLU JSONL or column JSON: see mcq.py); errors
+    name the file, line and field. `ring` labels rows that have no ring field."""
+    from sae_unlearn.concepts.mcq import read_probe_file
+
+    return read_probe_file(Path(path), ring)
 
 
 def _nonempty_lines(path: Path) -> list[str]:
@@ -222,7 +177,7 @@ def load_pack(spec: str | Path) -> ConceptPack:
         forget=read_corpus(root / files["forget"]["path"]),
         retain=read_corpus(root / files["retain"]["path"]),
         coherence=coherence,
-        probes=load_probes(root / files["probes"]["path"]),
+        probes=load_probes(root / files["probes"]["path"], ring=files["probes"].get("ring")),
         provenance={k: str(v.get("provenance", "")) for k, v in files.items() if isinstance(v, dict)},
         prompts=prompts,
     )
