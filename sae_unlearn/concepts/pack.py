@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,23 @@ class Probe:
     @property
     def options(self) -> list[str]:
         return [self.answer, *self.distractors]
+
+
+def normalise(text: str) -> str:
+    """Case-folded words only: texts equal under this are duplicates."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def dedup(texts: list[str]) -> list[str]:
+    """`texts` without later duplicates (same normalised text), in order."""
+    seen: set[str] = set()
+    out = []
+    for t in texts:
+        key = normalise(t)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def _hash_fraction(key: str) -> float:
@@ -74,37 +92,79 @@ class ConceptPack:
 
     def prompt_split(self, part: str, tune_fraction: float = 0.5) -> list[str]:
         """Concept prompts whose continuations are scored for fluency: `tune` ones may steer training
-        (CRISP's fluency check), disjoint `report` ones are evaluated. Packs without a prompts file use
-        the openings of held-out forget paragraphs for every part."""
+        (CRISP's fluency check), disjoint `report` ones are evaluated (fixed by text hash). Packs
+        without a prompts file use the openings of held-out forget paragraphs (at most 8 per part).
+        Too few prompts to split: every part gets them all, and `split_problems` says so."""
         if part not in ("tune", "report", "all"):
             raise UserError(f"unknown prompt split {part!r}", "use tune, report or all")
-        if not self.prompts:
-            return [" ".join(t.split()[:5]) for t in self.forget_split("heldout")[:8]]
+        pool = self._prompt_pool()
         if part == "all":
-            return list(self.prompts)
-        chosen = [p for p in self.prompts if (_hash_fraction("prompt:" + p) < tune_fraction) == (part == "tune")]
-        return chosen or list(self.prompts)  # too few prompts to split
+            return pool
+        tune = [p for p in pool if _hash_fraction("prompt:" + p) < tune_fraction]
+        report = [p for p in pool if _hash_fraction("prompt:" + p) >= tune_fraction]
+        if not tune or not report:
+            return pool[:8] if not self.prompts else pool
+        chosen = tune if part == "tune" else report
+        return chosen if self.prompts else chosen[:8]
+
+    def _prompt_pool(self) -> list[str]:
+        if self.prompts:
+            return dedup(self.prompts)
+        return dedup([" ".join(t.split()[:5]) for t in self.forget_split("heldout")])
 
     def forget_split(self, part: str, n_relearn: int = 32, n_heldout: int = 24) -> list[str]:
-        """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation)."""
-        ranked = sorted(self.forget, key=lambda t: _hash_fraction("forget:" + t))
+        """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation),
+        fixed by text hash after duplicates (same normalised text) are dropped. A pack with fewer than
+        n_relearn + n_heldout + 8 distinct paragraphs gives every part all of them (training needs the
+        text); `split_problems` names the metrics that then read training text."""
+        if part not in ("train", "relearn", "heldout"):
+            raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
+        ranked = sorted(dedup(self.forget), key=lambda t: _hash_fraction("forget:" + t))
         if len(ranked) < n_relearn + n_heldout + 8:
-            return ranked  # tiny packs: every split sees everything
+            return ranked
         splits = {
             "relearn": ranked[:n_relearn],
             "heldout": ranked[n_relearn : n_relearn + n_heldout],
             "train": ranked[n_relearn + n_heldout :],
         }
-        if part not in splits:
-            raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
         return splits[part]
 
     def retain_split(self, part: str, heldout_fraction: float = 0.15) -> list[str]:
-        """`train` retain paragraphs and disjoint `heldout` ones for measuring retention."""
+        """`train` retain paragraphs and disjoint `heldout` ones for measuring retention (duplicates dropped)."""
         if part not in ("train", "heldout"):
             raise UserError(f"unknown retain split {part!r}", "use train or heldout")
-        held = [t for t in self.retain if _hash_fraction("retain:" + t) < heldout_fraction]
-        return held if part == "heldout" else [t for t in self.retain if t not in set(held)]
+        distinct = dedup(self.retain)
+        held = [t for t in distinct if _hash_fraction("retain:" + t) < heldout_fraction]
+        return held if part == "heldout" else [t for t in distinct if t not in set(held)]
+
+    def split_problems(self) -> dict[str, str]:
+        """{results.json field: why it is not measured on held-out text} for the splits this pack allows
+        (empty when every split is disjoint). `evaluate` marks these fields invalid and warns."""
+        problems: dict[str, str] = {}
+        train = set(self.forget_split("train"))
+        if train & set(self.forget_split("heldout")):
+            why = f"only {len(dedup(self.forget))} distinct forget paragraphs: held-out = training text (need 64)"
+            problems["retention.forget_heldout_ppl"] = problems["reactivation"] = why
+            if not self.prompts:
+                problems["fluency.forget_prompts"] = why + "; the prompts open training paragraphs"
+        if train & set(self.forget_split("relearn")):
+            problems["relearning"] = (
+                f"only {len(dedup(self.forget))} distinct forget paragraphs: the attack trains on the unlearning text"
+            )
+        if set(self.prompt_split("tune")) & set(self.prompt_split("report")):
+            problems["fluency.forget_prompts"] = "too few prompts to split: tune and report prompts are the same set"
+        heldout = self.retain_split("heldout")
+        if not heldout:
+            problems["retention.retain_heldout_ppl"] = "no held-out retain paragraphs (add retain text)"
+        return problems
+
+    def duplicates(self) -> dict[str, int]:
+        """Paragraphs and prompts dropped as duplicates (same normalised text) before splitting."""
+        return {
+            "forget": len(self.forget) - len(dedup(self.forget)),
+            "retain": len(self.retain) - len(dedup(self.retain)),
+            "prompts": len(self.prompts) - len(dedup(self.prompts)),
+        }
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

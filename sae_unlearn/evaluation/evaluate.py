@@ -4,6 +4,7 @@ or of the base model with a run applied. Only the `report` probe split is scored
 
 results.json schema (version 1), one object per evaluated model:
     {"version": 1, "name", "model", "run", "method", "probe_split",
+     "validity": {"invalid": {field: reason}, "duplicates_removed": {"forget", "retain", "prompts"}},
      "probes": {"rings": {ring: {KIND: {"acc", "ci95", "n"}, "chance"}}, "per_probe": {id: bool},
                 "items": {id: {"ring", KIND: 0..1}}}   KIND: logprob, logprob_sum, logprob_per_byte, letter,
                                                        letter_all_rotations (scoring.py)
@@ -81,6 +82,17 @@ def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg:
     return chosen
 
 
+def split_validity(pack: ConceptPack | None, cfg: EvalConfig, given_probes: bool = False) -> dict[str, Any]:
+    """{"invalid": {results field: reason}, "duplicates_removed": {...}}: the metrics that this pack's
+    splits (or the chosen probe split) do not measure on held-out data; each one is logged as a warning."""
+    invalid = pack.split_problems() if pack is not None else {}
+    if not given_probes and cfg.probe_split != "report":
+        invalid["probes"] = f"scored on the {cfg.probe_split!r} probe split, which settings may be tuned on"
+    for key, why in invalid.items():
+        log.warning("%s is not a held-out measurement: %s", key, why)
+    return {"invalid": invalid, "duplicates_removed": pack.duplicates() if pack is not None else {}}
+
+
 @contextlib.contextmanager
 def model_under_test(loaded: LoadedModel, run_dir: Path | None) -> Iterator[Any]:
     if run_dir is None:
@@ -145,6 +157,7 @@ def evaluate(
         "method": method,
         "probe_split": cfg.probe_split if probes is None else "given",
     }
+    result["validity"] = split_validity(pack, cfg, given_probes=probes is not None)
     prompt_part = cfg.probe_split if probes is None else "report"  # the same half as the probes
     prompts = {
         "coherence": pack.coherence[:8] if pack else [],
