@@ -3,6 +3,7 @@
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
 DIR/results.json       {"version", "concept", "model", "created", "goals", "verdicts": {method: {goal: ...}},
+                        "record": {"config": CompareConfig, "versions"},
                         "methods": {name: evaluate() result + "paired" (differences against base)},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
                         time is each result's own "seconds"; paired CIs and verdicts: goals.py)
@@ -11,6 +12,7 @@ DIR/report.html        every metric side by side, plots, generations before/afte
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -27,6 +29,7 @@ from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.io import atomic_write_json, atomic_write_text
 from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.runs import versions
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def compare(
         "model": loaded.spec,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": dict(GOALS),
+        "record": {"config": dataclasses.asdict(cfg), "versions": versions()},
         "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
         "methods": {},
     }

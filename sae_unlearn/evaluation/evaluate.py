@@ -5,6 +5,7 @@ or of the base model with a run applied. Only the `report` probe split is scored
 results.json schema (version 1), one object per evaluated model:
     {"version": 1, "name", "model", "run", "method", "probe_split",
      "validity": {"invalid": {field: reason}, "duplicates_removed": {"forget", "retain", "prompts"}},
+     "record": {"config", "versions", "pack", "probes_hash", "model", "saes", "run"}   (record.py),
      "probes": {"rings": {ring: {KIND: {"acc", "ci95", "n"}, "chance"}}, "per_probe": {id: bool},
                 "items": {id: {"ring", KIND: 0..1}}}   KIND: logprob, logprob_sum, logprob_per_byte, letter,
                                                        letter_all_rotations (scoring.py)
@@ -36,6 +37,7 @@ import torch
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.evaluation.adversarial import adversarial
+from sae_unlearn.evaluation.record import build_record
 from sae_unlearn.evaluation.robustness import relearning_attack
 from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
 from sae_unlearn.evaluation.text import fluency_metrics, perplexity, text_nlls
@@ -158,6 +160,7 @@ def evaluate(
         "probe_split": cfg.probe_split if probes is None else "given",
     }
     result["validity"] = split_validity(pack, cfg, given_probes=probes is not None)
+    result["record"] = build_record(loaded, pack, run_dir, cfg, chosen)
     prompt_part = cfg.probe_split if probes is None else "report"  # the same half as the probes
     prompts = {
         "coherence": pack.coherence[:8] if pack else [],
