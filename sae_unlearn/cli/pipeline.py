@@ -202,6 +202,13 @@ def _eval_config(
     return cfg
 
 
+def _any_template(adv: dict[str, Any]) -> str:
+    acc, chance = adv.get("any_template_accuracy", {}).get("acc"), adv.get("chance", {}).get("any_template")
+    if acc is None:
+        return "—"
+    return f"{acc:.3g}" + (f" ({chance:.2g})" if chance is not None else "")
+
+
 def _print_summary(results: dict[str, Any]) -> None:
     rows = []
     for name, r in results.items():
@@ -215,7 +222,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 r["retention"]["retain_heldout_ppl"] or "—",
                 flu.get("base_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
-                (r.get("adversarial") or {}).get("any_template_accuracy", {}).get("acc", "—"),
+                _any_template(r.get("adversarial") or {}),
                 relearn["curve"][-1]["target_acc"] if relearn else "—",
             ]
         )
@@ -231,7 +238,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 "retain ppl",
                 "forget-prompt ppl",
                 "re-activation",
-                "adversarial",
+                "any-template adv. (chance)",
                 "after relearn",
             ],
             rows,
