@@ -12,7 +12,8 @@ results.json schema (version 1), one object per evaluated model:
      "retention": {"retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl"},
      "per_text": {"retain_heldout": [[summed NLL, tokens], ...]},
      "fluency": {"coherence": F, "forget_prompts": F}   F = {"base_ppl", "repeated_3gram_share", "distinct_2",
-                                                             "foreign_script_share", "samples": [{"prompt", "text"}]},
+                                                             "foreign_script_share", "samples": [{"prompt", "text",
+                                                             "base_nll", "repeated_3gram_share"}]},
      "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
      "adversarial": {"templates": {name: acc}, "any_template_accuracy": acc, "n_templates",
                      "chance": {"per_template", "any_template"}} | null   (adversarial.py)
