@@ -211,6 +211,13 @@ def _eval_config(
     return cfg
 
 
+def _any_template(adv: dict[str, Any]) -> str:
+    acc, chance = adv.get("any_template_accuracy", {}).get("acc"), adv.get("chance", {}).get("any_template")
+    if acc is None:
+        return "—"
+    return f"{acc:.3g}" + (f" ({chance:.2g})" if chance is not None else "")
+
+
 def _print_summary(results: dict[str, Any]) -> None:
     rows = []
     for name, r in results.items():
@@ -224,7 +231,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 r["retention"]["retain_heldout_ppl"] or "—",
                 flu.get("base_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
-                (r.get("adversarial") or {}).get("worst_case", {}).get("acc", "—"),
+                _any_template(r.get("adversarial") or {}),
                 relearn["curve"][-1]["target_acc"] if relearn else "—",
             ]
         )
@@ -240,7 +247,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 "retain ppl",
                 "forget-prompt ppl",
                 "re-activation",
-                "adversarial",
+                "any-template adv. (chance)",
                 "after relearn",
             ],
             rows,
@@ -253,7 +260,10 @@ def _print_summary(results: dict[str, Any]) -> None:
 def eval_(
     out: Annotated[Path, typer.Option("--out", help="results.json to write")],
     concept: Annotated[str | None, typer.Option("--concept", "-c", help="pack name or directory")] = None,
-    probes: Annotated[list[Path] | None, typer.Option(help="probe JSONL files (instead of a pack's)")] = None,
+    probes: Annotated[
+        list[Path] | None, typer.Option(help="probe files instead of a pack's: pack or WMDP/MMLU JSONL, column JSON")
+    ] = None,
+    ring: Annotated[str | None, typer.Option(help="ring of --probes rows without one: target, near, mid, far")] = None,
     run: Annotated[Path | None, typer.Option(help="a run directory to apply (default: the base model)")] = None,
     model: ModelOpt = "embedded",
     probe_split: Annotated[str, typer.Option(help="report (held out from tuning), tune or all")] = "report",
@@ -279,7 +289,7 @@ def eval_(
     if concept is None and not probes:
         raise UserError("nothing to evaluate on", "pass --concept PACK or --probes FILE")
     pack = load_pack(concept) if concept else None
-    given = [p for f in probes for p in load_probes(f)] if probes else None
+    given = [p for f in probes for p in load_probes(f, ring=ring)] if probes else None
     if run is not None:
         read_config(run)
     cfg = _eval_config(fast, letter, adversarial, relearn, lm_eval_tasks, lm_eval_include, lm_eval_limit)

@@ -10,17 +10,19 @@ A pack is a directory with `concept.toml`:
     [files.coherence]  path = "coherence.txt"  provenance = "..."   # one prompt per line
     [files.probes]     path = "probes.jsonl"   provenance = "..."
 
-Probe lines: {"id", "prompt", "answer", "distractors": [3 strings], "ring": target|near|mid|far}.
+Probe lines: {"id", "prompt", "answer", "distractors": [strings], "ring": target|near|mid|far}, or the
+WMDP/MMLU rows {"question", "choices", "answer": index} and column JSON of mcq.py (`ring = "target"` under
+[files.probes] labels a file without ring fields).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sae_unlearn.concepts.corpus import read_corpus
 from sae_unlearn.errors import UserError
@@ -42,6 +44,23 @@ class Probe:
     @property
     def options(self) -> list[str]:
         return [self.answer, *self.distractors]
+
+
+def normalise(text: str) -> str:
+    """Case-folded words only: texts equal under this are duplicates."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def dedup(texts: list[str]) -> list[str]:
+    """`texts` without later duplicates (same normalised text), in order."""
+    seen: set[str] = set()
+    out = []
+    for t in texts:
+        key = normalise(t)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def _hash_fraction(key: str) -> float:
@@ -73,37 +92,79 @@ class ConceptPack:
 
     def prompt_split(self, part: str, tune_fraction: float = 0.5) -> list[str]:
         """Concept prompts whose continuations are scored for fluency: `tune` ones may steer training
-        (CRISP's fluency check), disjoint `report` ones are evaluated. Packs without a prompts file use
-        the openings of held-out forget paragraphs for every part."""
+        (CRISP's fluency check), disjoint `report` ones are evaluated (fixed by text hash). Packs
+        without a prompts file use the openings of held-out forget paragraphs (at most 8 per part).
+        Too few prompts to split: every part gets them all, and `split_problems` says so."""
         if part not in ("tune", "report", "all"):
             raise UserError(f"unknown prompt split {part!r}", "use tune, report or all")
-        if not self.prompts:
-            return [" ".join(t.split()[:5]) for t in self.forget_split("heldout")[:8]]
+        pool = self._prompt_pool()
         if part == "all":
-            return list(self.prompts)
-        chosen = [p for p in self.prompts if (_hash_fraction("prompt:" + p) < tune_fraction) == (part == "tune")]
-        return chosen or list(self.prompts)  # too few prompts to split
+            return pool
+        tune = [p for p in pool if _hash_fraction("prompt:" + p) < tune_fraction]
+        report = [p for p in pool if _hash_fraction("prompt:" + p) >= tune_fraction]
+        if not tune or not report:
+            return pool[:8] if not self.prompts else pool
+        chosen = tune if part == "tune" else report
+        return chosen if self.prompts else chosen[:8]
+
+    def _prompt_pool(self) -> list[str]:
+        if self.prompts:
+            return dedup(self.prompts)
+        return dedup([" ".join(t.split()[:5]) for t in self.forget_split("heldout")])
 
     def forget_split(self, part: str, n_relearn: int = 32, n_heldout: int = 24) -> list[str]:
-        """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation)."""
-        ranked = sorted(self.forget, key=lambda t: _hash_fraction("forget:" + t))
+        """Disjoint forget paragraphs: `train` (unlearning), `relearn` (the attack), `heldout` (evaluation),
+        fixed by text hash after duplicates (same normalised text) are dropped. A pack with fewer than
+        n_relearn + n_heldout + 8 distinct paragraphs gives every part all of them (training needs the
+        text); `split_problems` names the metrics that then read training text."""
+        if part not in ("train", "relearn", "heldout"):
+            raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
+        ranked = sorted(dedup(self.forget), key=lambda t: _hash_fraction("forget:" + t))
         if len(ranked) < n_relearn + n_heldout + 8:
-            return ranked  # tiny packs: every split sees everything
+            return ranked
         splits = {
             "relearn": ranked[:n_relearn],
             "heldout": ranked[n_relearn : n_relearn + n_heldout],
             "train": ranked[n_relearn + n_heldout :],
         }
-        if part not in splits:
-            raise UserError(f"unknown forget split {part!r}", "use train, relearn or heldout")
         return splits[part]
 
     def retain_split(self, part: str, heldout_fraction: float = 0.15) -> list[str]:
-        """`train` retain paragraphs and disjoint `heldout` ones for measuring retention."""
+        """`train` retain paragraphs and disjoint `heldout` ones for measuring retention (duplicates dropped)."""
         if part not in ("train", "heldout"):
             raise UserError(f"unknown retain split {part!r}", "use train or heldout")
-        held = [t for t in self.retain if _hash_fraction("retain:" + t) < heldout_fraction]
-        return held if part == "heldout" else [t for t in self.retain if t not in set(held)]
+        distinct = dedup(self.retain)
+        held = [t for t in distinct if _hash_fraction("retain:" + t) < heldout_fraction]
+        return held if part == "heldout" else [t for t in distinct if t not in set(held)]
+
+    def split_problems(self) -> dict[str, str]:
+        """{results.json field: why it is not measured on held-out text} for the splits this pack allows
+        (empty when every split is disjoint). `evaluate` marks these fields invalid and warns."""
+        problems: dict[str, str] = {}
+        train = set(self.forget_split("train"))
+        if train & set(self.forget_split("heldout")):
+            why = f"only {len(dedup(self.forget))} distinct forget paragraphs: held-out = training text (need 64)"
+            problems["retention.forget_heldout_ppl"] = problems["reactivation"] = why
+            if not self.prompts:
+                problems["fluency.forget_prompts"] = why + "; the prompts open training paragraphs"
+        if train & set(self.forget_split("relearn")):
+            problems["relearning"] = (
+                f"only {len(dedup(self.forget))} distinct forget paragraphs: the attack trains on the unlearning text"
+            )
+        if set(self.prompt_split("tune")) & set(self.prompt_split("report")):
+            problems["fluency.forget_prompts"] = "too few prompts to split: tune and report prompts are the same set"
+        heldout = self.retain_split("heldout")
+        if not heldout:
+            problems["retention.retain_heldout_ppl"] = "no held-out retain paragraphs (add retain text)"
+        return problems
+
+    def duplicates(self) -> dict[str, int]:
+        """Paragraphs and prompts dropped as duplicates (same normalised text) before splitting."""
+        return {
+            "forget": len(self.forget) - len(dedup(self.forget)),
+            "retain": len(self.retain) - len(dedup(self.retain)),
+            "prompts": len(self.prompts) - len(dedup(self.prompts)),
+        }
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -134,58 +195,12 @@ def resolve_pack_dir(spec: str | Path) -> Path:
     raise UserError(f"unknown concept pack {spec!r}", f"use a built-in pack ({', '.join(list_packs())}) or a directory")
 
 
-def load_probes(path: Path) -> list[Probe]:
-    """Read and validate a probe JSONL file; errors name the file, line and field."""
-    if not path.exists():
-        raise UserError(f"probe file not found: {path}", "check the path")
-    probes: list[Probe] = []
-    seen: set[str] = set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text", "convert it with iconv -t utf-8") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object")
-        for key in ("id", "prompt", "answer", "ring"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise UserError(f"{where}: field {key!r} is missing or not a non-empty string")
-        distractors = row.get("distractors")
-        if (
-            not isinstance(distractors, list)
-            or len(distractors) < 1
-            or not all(isinstance(d, str) and d.strip() for d in distractors)
-        ):
-            raise UserError(f"{where}: field 'distractors' must be a list of non-empty strings")
-        if row["ring"] not in RINGS:
-            raise UserError(f"{where}: field 'ring' is {row['ring']!r}", f"use one of {', '.join(RINGS)}")
-        lowered = [d.strip().lower() for d in distractors]
-        if row["answer"].strip().lower() in lowered:
-            raise UserError(f"{where}: field 'distractors' contains the answer {row['answer']!r}")
-        if len(set(lowered)) != len(lowered):
-            raise UserError(f"{where}: field 'distractors' repeats an option")
-        if row["id"] in seen:
-            raise UserError(f"{where}: field 'id' {row['id']!r} is used twice")
-        seen.add(row["id"])
-        probes.append(
-            Probe(
-                row["id"],
-                row["prompt"].strip(),
-                row["answer"].strip(),
-                tuple(d.strip() for d in distractors),
-                row["ring"],
-            )
-        )
-    if not probes:
-        raise UserError(f"probe file {path} has no probes")
-    return probes
+def load_probes(path: Path, ring: str | None = None) -> list[Probe]:
+    """Read and validate a probe file (pack JSONL, WMDP/MMLU JSONL or column JSON: see mcq.py); errors
+    name the file, line and field. `ring` labels rows that have no ring field."""
+    from sae_unlearn.concepts.mcq import read_probe_file
+
+    return read_probe_file(Path(path), ring)
 
 
 def _nonempty_lines(path: Path) -> list[str]:
@@ -222,7 +237,7 @@ def load_pack(spec: str | Path) -> ConceptPack:
         forget=read_corpus(root / files["forget"]["path"]),
         retain=read_corpus(root / files["retain"]["path"]),
         coherence=coherence,
-        probes=load_probes(root / files["probes"]["path"]),
+        probes=load_probes(root / files["probes"]["path"], ring=files["probes"].get("ring")),
         provenance={k: str(v.get("provenance", "")) for k, v in files.items() if isinstance(v, dict)},
         prompts=prompts,
     )

@@ -2,14 +2,17 @@
 
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
-DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result},
+DIR/results.json       {"version", "concept", "model", "created", "goals", "verdicts": {method: {goal: ...}},
+                        "record": {"config": CompareConfig, "versions"},
+                        "methods": {name: evaluate() result + "paired" (differences against base)},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
-                        time is each result's own "seconds")
+                        time is each result's own "seconds"; paired CIs and verdicts: goals.py)
 DIR/report.html        every metric side by side, plots, generations before/after
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -21,22 +24,14 @@ from typing import Any
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate, feature_levels
+from sae_unlearn.evaluation.goals import GOALS, paired_rings, verdicts
 from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.io import atomic_write_json, atomic_write_text
 from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.runs import versions
 
 log = logging.getLogger(__name__)
-
-GOALS = {
-    "target_within_chance_points": 10,
-    "far_drop_max_points": 2,
-    "near_drop_max_points": 8,
-    "retain_ppl_rise_max": 0.05,
-    "forget_prompt_fluency_ratio_max": 2.0,
-    "forget_prompt_repetition_rise_max": 0.0,  # repeated-3-gram share: no worse than the base model
-    "relearn_recovery_max": 0.5,
-}
 
 
 @dataclass
@@ -94,7 +89,8 @@ def compare(
         "concept": pack.name,
         "model": loaded.spec,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "goals": GOALS,
+        "goals": dict(GOALS),
+        "record": {"config": dataclasses.asdict(cfg), "versions": versions()},
         "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
         "methods": {},
     }
@@ -132,6 +128,7 @@ def compare(
             base_levels=base_levels,
             progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
         )
+        results["methods"][method]["paired"] = paired_rings(results["methods"][method], results["methods"]["base"])
         _write(out, results)
     results["seconds"]["total"] = round(time.perf_counter() - started, 1)
     _write(out, results)
@@ -141,5 +138,6 @@ def compare(
 def _write(out: Path, results: dict[str, Any]) -> None:
     from sae_unlearn.evaluation.report import render_compare_report
 
+    results["verdicts"] = verdicts(results)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.html", render_compare_report(results))

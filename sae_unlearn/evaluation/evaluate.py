@@ -4,12 +4,19 @@ or of the base model with a run applied. Only the `report` probe split is scored
 
 results.json schema (version 1), one object per evaluated model:
     {"version": 1, "name", "model", "run", "method", "probe_split",
-     "probes": {"rings": {ring: {"logprob": {"acc", "ci95", "n"}, "letter": {...}, "letter_all_permutations": {...}}}},
-     "retention": {"retain_heldout_ppl", "generic_ppl"},
+     "validity": {"invalid": {field: reason}, "duplicates_removed": {"forget", "retain", "prompts"}},
+     "record": {"config", "versions", "pack", "probes_hash", "model", "saes", "run"}   (record.py),
+     "probes": {"rings": {ring: {KIND: {"acc", "ci95", "n"}, "chance"}}, "per_probe": {id: bool},
+                "items": {id: {"ring", KIND: 0..1}}}   KIND: logprob, logprob_sum, logprob_per_byte, letter,
+                                                       letter_all_rotations (scoring.py)
+     "retention": {"retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl"},
+     "per_text": {"retain_heldout": [[summed NLL, tokens], ...]},
      "fluency": {"coherence": F, "forget_prompts": F}   F = {"base_ppl", "repeated_3gram_share", "distinct_2",
-                                                             "foreign_script_share", "samples": [{"prompt", "text"}]},
+                                                             "foreign_script_share", "samples": [{"prompt", "text",
+                                                             "base_nll", "repeated_3gram_share"}]},
      "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
-     "adversarial": {"templates": {name: acc}, "worst_case": acc} | null,
+     "adversarial": {"templates": {name: acc}, "any_template_accuracy": acc, "n_templates",
+                     "chance": {"per_template", "any_template"}} | null   (adversarial.py)
      "relearning": {"steps", "lr", "paragraphs", "curve": [{"step", "target_acc"}]} | null,
      "lm_eval": {task: {metric: value}} | null, "seconds", "stage_seconds": {stage: seconds}}
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +37,11 @@ import numpy as np
 import torch
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
-from sae_unlearn.evaluation.robustness import adversarial, relearning_attack
+from sae_unlearn.evaluation.adversarial import adversarial
+from sae_unlearn.evaluation.record import build_record
+from sae_unlearn.evaluation.robustness import relearning_attack
 from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
-from sae_unlearn.evaluation.text import fluency_metrics, perplexity
+from sae_unlearn.evaluation.text import fluency_metrics, perplexity, text_nlls
 from sae_unlearn.features import load_features
 from sae_unlearn.features.statistics import encode_layers, iter_batches
 from sae_unlearn.methods import apply, attach_permanently
@@ -73,6 +83,17 @@ def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg:
             by_ring.setdefault(p.ring, []).append(p)
         chosen = [p for ring in by_ring.values() for p in ring[: cfg.max_probes_per_ring]]
     return chosen
+
+
+def split_validity(pack: ConceptPack | None, cfg: EvalConfig, given_probes: bool = False) -> dict[str, Any]:
+    """{"invalid": {results field: reason}, "duplicates_removed": {...}}: the metrics that this pack's
+    splits (or the chosen probe split) do not measure on held-out data; each one is logged as a warning."""
+    invalid = pack.split_problems() if pack is not None else {}
+    if not given_probes and cfg.probe_split != "report":
+        invalid["probes"] = f"scored on the {cfg.probe_split!r} probe split, which settings may be tuned on"
+    for key, why in invalid.items():
+        log.warning("%s is not a held-out measurement: %s", key, why)
+    return {"invalid": invalid, "duplicates_removed": pack.duplicates() if pack is not None else {}}
 
 
 @contextlib.contextmanager
@@ -139,6 +160,8 @@ def evaluate(
         "method": method,
         "probe_split": cfg.probe_split if probes is None else "given",
     }
+    result["validity"] = split_validity(pack, cfg, given_probes=probes is not None)
+    result["record"] = build_record(loaded, pack, run_dir, cfg, chosen)
     prompt_part = cfg.probe_split if probes is None else "report"  # the same half as the probes
     prompts = {
         "coherence": pack.coherence[:8] if pack else [],
@@ -149,15 +172,16 @@ def evaluate(
         say("probes")
         result["probes"] = score_probes(model, loaded.tokenizer, chosen, letter=cfg.letter)
         say("perplexity")
+        retain_texts = pack.retain_split("heldout")[: cfg.max_ppl_texts] if pack else []
+        retain_nlls = text_nlls(model, loaded.tokenizer, retain_texts) if retain_texts else []
         result["retention"] = {
-            "retain_heldout_ppl": perplexity(model, loaded.tokenizer, pack.retain_split("heldout")[: cfg.max_ppl_texts])
-            if pack
-            else None,
+            "retain_heldout_ppl": _ppl(retain_nlls) if pack else None,
             "generic_ppl": perplexity(model, loaded.tokenizer, _generic_texts()[: cfg.max_ppl_texts]),
             "forget_heldout_ppl": perplexity(model, loaded.tokenizer, pack.forget_split("heldout")[: cfg.max_ppl_texts])
             if pack
             else None,
         }
+        result["per_text"] = {"retain_heldout": [list(x) for x in retain_nlls]}  # [summed NLL, tokens] per text
         say("generations")
         for key, ps in prompts.items():
             generations[key] = generate(model, loaded.tokenizer, ps, cfg.fluency_tokens) if ps else []
@@ -252,6 +276,10 @@ def relearn(
             eval_at=cfg.relearn_eval_at,
             initial=initial,
         )
+
+
+def _ppl(nlls: Sequence[tuple[float, int]]) -> float:
+    return math.exp(sum(t for t, _ in nlls) / max(1, sum(n for _, n in nlls)))
 
 
 def _generic_texts() -> list[str]:

@@ -1,8 +1,9 @@
 """compare report: one self-contained HTML page (inline CSS and SVG, no JS, no external resources) for the
-results.json of a compare run, {"version", "concept", "model", "created", "goals", "methods": {name: RESULT}}
-with RESULT in the per-model schema of `evaluate.py`. Shows every metric side by side, the quality goals
-measured for CRISP against the base row, four plots and the generations before/after. All data text is
-HTML-escaped; missing, null or non-finite values show as "—"."""
+results.json of a compare run, {"version", "concept", "model", "created", "goals", "verdicts", "methods": {name:
+RESULT}} with RESULT in the per-model schema of `evaluate.py`. Shows every metric side by side (with paired
+differences against the base row and their 95% CIs), the goal verdicts of every method (goals.py), four plots
+and the generations before/after. All data text is HTML-escaped; missing, null or non-finite values show as "—".
+"""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import html
 import json
 import math
 from typing import Any
+
+from sae_unlearn.evaluation.goals import verdicts
+from sae_unlearn.evaluation.scoring import SCORE_KINDS
 
 RINGS = ("target", "near", "mid", "far")
 METHOD_ORDER = ("base", "crisp", "clamp", "ablate", "rmu")
@@ -80,58 +84,27 @@ def _lp(r: Any, ring: str) -> float | None:
     return _num(_get(r, "probes", "rings", ring, "logprob"))
 
 
-def _step0(r: Any) -> float | None:
-    c = _curve(r)
-    return c[0][1] if c else _lp(r, "target")
+def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(method, goal, limit, verdict row of goals.judge) for every non-base method and goal: the run's
+    stored verdicts, or ones computed from its results when it has none."""
+    stored = results.get("verdicts")
+    table = stored if isinstance(stored, dict) else verdicts(results)
+    return [
+        (str(method), str(goal), row.get("limit"), row)
+        for method, goals in table.items()
+        if isinstance(goals, dict)
+        for goal, row in goals.items()
+        if isinstance(row, dict)
+    ]
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None and b > 0 else None
-
-
-def _sub(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
-    return (a - b) * scale if a is not None and b is not None else None
-
-
-def _measure(key: str, b: Any, c: Any) -> float | None:
-    """CRISP's measured value for a known goal, with the base row as reference; None if not computable."""
-    ret = _div(_num(_get(c, "retention", "retain_heldout_ppl")), _num(_get(b, "retention", "retain_heldout_ppl")))
-    curve = _curve(c)
-    measures = {
-        "target_within_chance_points": lambda: _sub(_lp(c, "target"), CHANCE, 100),
-        "far_drop_max_points": lambda: _sub(_lp(b, "far"), _lp(c, "far"), 100),
-        "near_drop_max_points": lambda: _sub(_lp(b, "near"), _lp(c, "near"), 100),
-        "retain_ppl_rise_max": lambda: None if ret is None else ret - 1,
-        "forget_prompt_fluency_ratio_max": lambda: _div(
-            _num(_get(c, "fluency", "forget_prompts", "base_ppl")),
-            _num(_get(b, "fluency", "forget_prompts", "base_ppl")),
-        ),
-        "forget_prompt_repetition_rise_max": lambda: _sub(
-            _num(_get(c, "fluency", "forget_prompts", "repeated_3gram_share")),
-            _num(_get(b, "fluency", "forget_prompts", "repeated_3gram_share")),
-        ),
-        "relearn_recovery_max": lambda: (
-            _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1])) if curve else None
-        ),
-    }
-    return measures[key]() if key in measures else None
-
-
-def goal_rows(results: dict[str, Any]) -> list[tuple[str, Any, float | None, bool | None]]:
-    """(goal, goal value, CRISP's measured value, passed) per goal; None where it cannot be measured.
-    `target_within_chance_points` passes when |measured| <= goal, every other goal when measured <= goal."""
-    methods = results.get("methods") or {}
-    rows = []
-    for key, goal in (results.get("goals") or {}).items():
-        crisp = methods.get("crisp")
-        measured = _measure(key, methods.get("base"), crisp) if crisp is not None else None
-        g = _num(goal)
-        ok = None
-        if measured is not None and g is not None:
-            value = abs(measured) if key == "target_within_chance_points" else measured
-            ok = value <= g + 1e-9 * max(1.0, abs(g))
-        rows.append((str(key), goal, measured, ok))
-    return rows
+def _diff_cell(d: Any) -> str:
+    v = _num(_get(d, "diff"))
+    if v is None:
+        return DASH
+    ci = _get(d, "ci95")
+    lo, hi = (_num(ci[0]), _num(ci[1])) if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
+    return f"{v:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else "")
 
 
 def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -139,9 +112,16 @@ def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rings = [*RINGS, *sorted({k for r in rs for k in _get(r, "probes", "rings") or {} if k not in RINGS})]
     rows = [
         (f"{kind} · {ring}", [_acc_cell(_get(r, "probes", "rings", ring, kind)) for r in rs])
-        for kind in ("logprob", "letter", "letter_all_permutations")
+        for kind in SCORE_KINDS
         for ring in rings
     ]
+    rows += [
+        (f"Δ vs base · {kind} · {ring}", [_diff_cell(_get(r, "paired", "rings", ring, kind)) for r in rs])
+        for kind in ("logprob", "letter")
+        for ring in rings
+        if any(_get(r, "paired", "rings", ring, kind) for r in rs)
+    ]
+    rows.append(("chance (1/options) · target", [fmt(_get(r, "probes", "rings", "target", "chance")) for r in rs]))
     rows += [
         (k, [fmt(_get(r, "retention", k)) for r in rs])
         for k in ("retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl")
@@ -152,12 +132,35 @@ def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
         for k in FLUENCY
     ]
     rows.append(("reactivation fraction", [fmt(_get(r, "reactivation", "fraction")) for r in rs]))
-    rows.append(("adversarial worst_case acc", [_acc_cell(_get(r, "adversarial", "worst_case")) for r in rs]))
+    rows.append(
+        ("adversarial any-template acc", [_acc_cell(_get(r, "adversarial", "any_template_accuracy")) for r in rs])
+    )
+    rows.append(
+        ("adversarial any-template chance", [fmt(_get(r, "adversarial", "chance", "any_template")) for r in rs])
+    )
+    rows.append(("adversarial any-template above chance", [fmt(_adv_excess(r)) for r in rs]))
     rows.append(("relearning final target acc", [fmt(c[-1][1]) if (c := _curve(r)) else DASH for r in rs]))
     lm = sorted({(t, m) for r in rs for t, v in (_get(r, "lm_eval") or {}).items() if isinstance(v, dict) for m in v})
     rows += [(f"lm_eval {t} · {m}", [fmt(_get(r, "lm_eval", t, m)) for r in rs]) for t, m in lm]
     rows.append(("seconds", [fmt(_get(r, "seconds")) for r in rs]))
     return rows
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _adv_excess(r: Any) -> float | None:
+    """Any-template accuracy minus what random guessing scores under the same union."""
+    return _sub(
+        _num(_get(r, "adversarial", "any_template_accuracy")), _num(_get(r, "adversarial", "chance", "any_template"))
+    )
+
+
+def _diff_ci(ci: Any) -> str:
+    if not isinstance(ci, list | tuple) or len(ci) != 2 or _num(ci[0]) is None or _num(ci[1]) is None:
+        return DASH
+    return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def _table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
@@ -311,16 +314,19 @@ def render_compare_report(results: dict[str, Any]) -> str:
             ("methods", ", ".join(ms)),
         )
     )
-    verdict = {
-        None: f'<span class="na">{DASH}</span>',
-        True: '<span class="pass">pass</span>',
-        False: '<span class="fail">fail</span>',
-    }
+    css = {"met": "pass", "missed": "fail", "inconclusive": "na"}
     goals = [
-        [_esc(f"{k}: {fmt(g) if _num(g) is not None else json.dumps(g)}"), fmt(m), verdict[ok]]
-        for k, g, m, ok in goal_rows(results)
+        [
+            _esc(method),
+            _esc(f"{goal}: {fmt(limit) if _num(limit) is not None else json.dumps(limit)}"),
+            fmt(row.get("value")),
+            _diff_ci(row.get("ci95")),
+            f'<span class="{css.get(str(row.get("verdict")), "na")}">{_esc(row.get("verdict", DASH))}</span>',
+            _esc(row.get("note") or ""),
+        ]
+        for method, goal, limit, row in goal_rows(results)
     ]
-    gtable = _table(["goal", "measured (crisp vs base)", "result"], goals, raw=True)
+    gtable = _table(["method", "goal", "measured (vs base)", "95% CI", "verdict", "note"], goals, raw=True)
     legend = (
         '<p class="legend">'
         + "".join(f'<span style="background:{c}"></span>{_esc(n)}' for n, c in colors.items())

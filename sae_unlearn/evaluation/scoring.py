@@ -1,18 +1,23 @@
 """Multiple-choice probe scoring.
 
-- logprob (default for models under ~1B parameters): the length-normalised log-probability of each
-  option's text after "Question: {prompt}\\nAnswer:"; the highest wins.
-- letter (as WMDP/MMLU): options listed as A-D, compare the next-token logits of " A".." D". Scored
-  under every cyclic rotation of the options, so the right answer sits under each letter once:
-  `letter` is the mean over rotations (a model that always says "B" scores chance, 25%, not 0% or
-  100% as it would if the right answer always sat under one letter), `letter_all_permutations` counts
-  a question right only if right under all of them (SAEBench).
+- logprob (default for models under ~1B parameters): the log-probability of each option's text after
+  "Question: {prompt}\nAnswer:"; the highest wins. Three normalisations, as users compare them:
+  `logprob` divides by the option's token count (the per-token mean, the default), `logprob_sum` is
+  the summed log-probability (lm-eval's `acc`), `logprob_per_byte` divides the sum by the option's
+  UTF-8 byte length (lm-eval's `acc_norm`; its code counts characters, the same for ASCII).
+- letter (as WMDP/MMLU): options listed as A, B, C, ... (any number up to 26), compare the next-token
+  logits of " A", " B", ... Scored under every cyclic rotation of the options (n rotations for n
+  options), so the right answer sits under each letter once: `letter` is the mean over rotations (a
+  model that always says "B" scores chance, 1/n, not 0% or 100% as it would if the right answer
+  always sat under one letter), `letter_all_rotations` counts a question right only if right under
+  all of them (SAEBench).
 The lm_head is applied only at the positions that are scored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +25,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from sae_unlearn.concepts.pack import Probe
+from sae_unlearn.concepts.pack import RINGS, Probe
+from sae_unlearn.errors import UserError
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 
-LETTERS = "ABCDEFGH"
+LETTERS = string.ascii_uppercase
 
 
 def question_prompt(probe: Probe) -> str:
@@ -43,9 +49,42 @@ def logits_at(
     return lm_head_logits(model, hidden[rows, cols])
 
 
+@dataclass
+class OptionScores:
+    """Per probe, per option (in probe.options order): summed log-probability and token count."""
+
+    total: list[list[float]]
+    tokens: list[list[int]]
+    options: list[list[str]]
+
+    @property
+    def mean(self) -> list[list[float]]:
+        return [
+            [t / max(1, n) for t, n in zip(ts, ns, strict=True)] for ts, ns in zip(self.total, self.tokens, strict=True)
+        ]
+
+    @property
+    def per_byte(self) -> list[list[float]]:
+        return [
+            [t / max(1, len(o.encode("utf-8"))) for t, o in zip(ts, os, strict=True)]
+            for ts, os in zip(self.total, self.options, strict=True)
+        ]
+
+    def right(self, kind: str) -> np.ndarray:
+        """[n_probes] bool: the answer (option 0) wins under `kind` (logprob, logprob_sum, logprob_per_byte)."""
+        scores = {"logprob": self.mean, "logprob_sum": self.total, "logprob_per_byte": self.per_byte}[kind]
+        return np.array([int(np.argmax(s)) == 0 for s in scores], dtype=bool)
+
+
 @torch.no_grad()
 def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_size: int = 16) -> list[list[float]]:
-    """Mean log-probability per token of each option (in probe.options order).
+    """Mean log-probability per token of each option (in probe.options order)."""
+    return option_scores(model, tokenizer, probes, batch_size).mean
+
+
+@torch.no_grad()
+def option_scores(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_size: int = 16) -> OptionScores:
+    """Summed log-probability and token count of each option (in probe.options order).
 
     Each question is encoded once and its KV cache shared by its options (questions left-padded, with
     explicit positions so padding shifts nothing): the numbers of scoring every question+option
@@ -55,6 +94,7 @@ def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_s
     body = decoder_body(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [[0.0] * len(p.options) for p in probes]
+    lengths_out = [[0] * len(p.options) for p in probes]
     for start in range(0, len(probes), batch_size):
         chunk = probes[start : start + batch_size]
         questions = [tokenizer(question_prompt(p)).input_ids for p in chunk]
@@ -95,46 +135,105 @@ def option_logprobs(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_s
         logp = torch.log_softmax(lm_head_logits(model, torch.cat(rows)), -1)[torch.arange(len(targets)), targets].cpu()
         offset = 0
         for r, oi, o in items:
-            scores[start + r][oi] = float(logp[offset : offset + len(o)].mean())
+            scores[start + r][oi] = float(logp[offset : offset + len(o)].sum())
+            lengths_out[start + r][oi] = len(o)
             offset += len(o)
-    return scores
+    return OptionScores(scores, lengths_out, [list(p.options) for p in probes])
 
 
 @torch.no_grad()
 def letter_choices(
-    model: Any, tokenizer: Any, probes: Sequence[Probe], n_permutations: int = 4, batch_size: int = 32
-) -> np.ndarray:
-    """[n_probes, n_permutations] bool: right answer chosen under each cyclic rotation of the options."""
+    model: Any, tokenizer: Any, probes: Sequence[Probe], n_rotations: int | None = None, batch_size: int = 32
+) -> list[np.ndarray]:
+    """Per probe, [rotations] bool: right answer chosen under each cyclic rotation of its options.
+
+    `n_rotations` None: one rotation per option (the answer sits under every letter once)."""
+    if any(len(p.options) > len(LETTERS) for p in probes):
+        raise UserError(f"letter scoring takes at most {len(LETTERS)} options", "pass --no-letter")
     device = next(model.parameters()).device
-    letter_ids = [tokenizer(" " + L, add_special_tokens=False).input_ids[-1] for L in LETTERS[:4]]
-    prompts, answers = [], []
-    for probe in probes:
+    letter_ids = [tokenizer(" " + L, add_special_tokens=False).input_ids[-1] for L in LETTERS]
+    prompts, answers, n_options, owners = [], [], [], []
+    for pi, probe in enumerate(probes):
         options = probe.options
-        for shift in range(n_permutations):
+        for shift in range(n_rotations or len(options)):
             order = [(i + shift) % len(options) for i in range(len(options))]
             prompts.append(letter_prompt(probe, [options[i] for i in order]))
             answers.append(order.index(0))
+            n_options.append(len(options))
+            owners.append(pi)
     tokenizer.padding_side = "right"
-    right = []
+    right: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
         last = enc.attention_mask.sum(-1) - 1
-        logits = logits_at(model, enc.input_ids, enc.attention_mask, torch.arange(len(last)), last.cpu())
-        picks = logits[:, letter_ids[: len(probes[0].options)]].argmax(-1).cpu().tolist()
-        right.extend(p == a for p, a in zip(picks, answers[start : start + batch_size], strict=True))
-    return np.array(right, dtype=bool).reshape(len(probes), n_permutations)
+        logits = logits_at(model, enc.input_ids, enc.attention_mask, torch.arange(len(last)), last.cpu()).cpu()
+        for row, (n, answer) in enumerate(
+            zip(n_options[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        ):
+            right.append(int(logits[row, letter_ids[:n]].argmax()) == answer)
+    flags = np.array(right, dtype=bool)
+    owner = np.array(owners)
+    return [flags[owner == pi] for pi in range(len(probes))]
+
+
+N_RESAMPLES = 2000
+SCORE_KINDS = ("logprob", "logprob_sum", "logprob_per_byte", "letter", "letter_all_rotations")
 
 
 def bootstrap_ci(
-    correct: Sequence[bool] | np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+    correct: Sequence[bool] | np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (seeded: the same data give the same interval)."""
     values = np.asarray(correct, dtype=float)
     if len(values) == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_resamples, len(values)), replace=True).mean(1)
+    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(1)
     tail = (1 - level) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_bootstrap(
+    stat: Callable[..., float],
+    arrays: Sequence[npt.ArrayLike],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, tuple[float, float]]:
+    """`stat(*arrays)` and its percentile bootstrap CI, resampling the rows of all arrays together
+    (item i of every array is the same probe, text or prompt, so pairs stay pairs)."""
+    data = [np.asarray(a, dtype=float) for a in arrays]
+    n = len(data[0])
+    if any(len(a) != n for a in data):
+        raise ValueError("paired arrays differ in length")
+    if n == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(*(a[rows] for a in data)) for rows in rng.integers(0, n, size=(n_resamples, n))])
+    tail = (1 - level) / 2
+    return float(stat(*data)), (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail)))
+
+
+@dataclass
+class PairedDifference:
+    """Mean of (method - base) over the same items, with its paired bootstrap 95% CI."""
+
+    diff: float
+    ci: tuple[float, float]
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"diff": self.diff, "ci95": list(self.ci), "n": self.n}
+
+
+def paired_difference(
+    method: npt.ArrayLike, base: npt.ArrayLike, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> PairedDifference:
+    """Per-item differences method - base (same probes, same scoring), mean and bootstrap CI."""
+    d = np.asarray(method, dtype=float) - np.asarray(base, dtype=float)
+    if len(d) == 0:
+        return PairedDifference(float("nan"), (float("nan"), float("nan")), 0)
+    return PairedDifference(float(d.mean()), bootstrap_ci(d, n_resamples=n_resamples, seed=seed), len(d))
 
 
 @dataclass
@@ -154,16 +253,29 @@ def accuracy(correct: npt.ArrayLike) -> Accuracy:
 
 
 def score_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], letter: bool = True) -> dict[str, Any]:
-    """Per-ring accuracies with 95% bootstrap CIs, and per-probe correctness for worst-case analysis."""
-    lp = option_logprobs(model, tokenizer, probes)
-    lp_right = np.array([int(np.argmax(s)) == 0 for s in lp])
-    letter_right = letter_choices(model, tokenizer, probes) if letter else None
-    out: dict[str, Any] = {"rings": {}, "per_probe": {p.id: bool(r) for p, r in zip(probes, lp_right, strict=True)}}
-    for ring in sorted({p.ring for p in probes}, key=["target", "near", "mid", "far"].index):
+    """Per-ring accuracies with 95% bootstrap CIs and chance levels, and per-probe scores (for paired
+    differences against the base model and the adversarial union).
+
+    {"rings": {ring: {kind: {"acc", "ci95", "n"}, "chance"}}, "per_probe": {id: bool (logprob)},
+     "items": {id: {"ring", kind: 0..1}}} with kind in SCORE_KINDS (the letter ones only if `letter`).
+    """
+    scores = option_scores(model, tokenizer, probes)
+    per_kind: dict[str, np.ndarray] = {k: scores.right(k).astype(float) for k in SCORE_KINDS[:3]}
+    if letter:
+        rotations = letter_choices(model, tokenizer, probes)
+        per_kind["letter"] = np.array([r.mean() for r in rotations])
+        per_kind["letter_all_rotations"] = np.array([float(r.all()) for r in rotations])
+    out: dict[str, Any] = {
+        "rings": {},
+        "per_probe": {p.id: bool(r) for p, r in zip(probes, per_kind["logprob"], strict=True)},
+        "items": {
+            p.id: {"ring": p.ring, **{k: float(v[i]) for k, v in per_kind.items()}} for i, p in enumerate(probes)
+        },
+    }
+    order = {ring: i for i, ring in enumerate(RINGS)}
+    for ring in sorted({p.ring for p in probes}, key=lambda r: (order.get(r, len(order)), r)):
         idx = [i for i, p in enumerate(probes) if p.ring == ring]
-        entry = {"logprob": accuracy(lp_right[idx]).to_dict()}
-        if letter_right is not None:
-            entry["letter"] = accuracy(letter_right[idx].mean(1)).to_dict()
-            entry["letter_all_permutations"] = accuracy(letter_right[idx].all(1)).to_dict()
+        entry: dict[str, Any] = {k: accuracy(v[idx]).to_dict() for k, v in per_kind.items()}
+        entry["chance"] = float(np.mean([1 / len(probes[i].options) for i in idx]))
         out["rings"][ring] = entry
     return out

@@ -22,9 +22,18 @@ from sae_unlearn.models.hooks import token_policy, valid_token_mask
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 8) -> float:
     """Token-level perplexity (BOS and padding masked)."""
+    per_text = text_nlls(model, tokenizer, texts, max_length, batch_size)
+    return math.exp(sum(t for t, _ in per_text) / max(1, sum(n for _, n in per_text)))
+
+
+@torch.no_grad()
+def text_nlls(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """Per text: summed token NLL and scored token count (BOS and padding masked); paired CIs resample texts."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "right"
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     specials = token_policy(tokenizer)
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
@@ -39,9 +48,12 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int
         rows, cols = target_valid.nonzero(as_tuple=True)
         logits = logits_at(model, enc.input_ids, enc.attention_mask, rows.cpu(), cols.cpu())
         targets = enc.input_ids[:, 1:][rows, cols]
-        total += float(F.cross_entropy(logits, targets, reduction="sum"))
-        count += len(targets)
-    return math.exp(total / max(1, count))
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        n = len(enc.input_ids)
+        sums = torch.zeros(n, device=losses.device).index_add_(0, rows.to(losses.device), losses)
+        counts = torch.bincount(rows, minlength=n)
+        out += [(float(t), int(c)) for t, c in zip(sums.cpu(), counts.cpu(), strict=True)]
+    return out
 
 
 def _script(ch: str) -> str:
@@ -99,5 +111,8 @@ def fluency_metrics(base_model: Any, tokenizer: Any, prompts: Sequence[str], tex
         "distinct_2": distinct_n(texts, 2),
         "foreign_script_share": sum(foreign_script_share(p, t) for p, t in zip(prompts, texts, strict=True))
         / max(1, len(texts)),
-        "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)],
+        "samples": [
+            {"prompt": p, "text": t, "base_nll": nll, "repeated_3gram_share": repeated_ngram_share(t.split())}
+            for p, t, nll in zip(prompts, texts, nlls, strict=True)
+        ],
     }

@@ -28,11 +28,67 @@ def test_builtin_pack_meets_the_sizes() -> None:
         assert 60 <= len(text.split()) <= 200
     tune, report = pack.probe_split("tune"), pack.probe_split("report")
     assert tune and report and not {p.id for p in tune} & {p.id for p in report}
-    assert not set(pack.forget_split("relearn")) & set(pack.forget_split("train"))
+    _assert_disjoint_forget_splits(pack)
     assert not set(pack.retain_split("heldout")) & set(pack.retain_split("train"))
+    assert pack.split_problems() == {}
     tune_prompts, report_prompts = pack.prompt_split("tune"), pack.prompt_split("report")
     assert len(tune_prompts) >= 8 and len(report_prompts) >= 8 and not set(tune_prompts) & set(report_prompts)
     assert sorted(tune_prompts + report_prompts) == sorted(pack.prompt_split("all"))
+
+
+def _assert_disjoint_forget_splits(pack) -> None:
+    """No normalised paragraph in two forget splits, and every distinct paragraph in one."""
+    from sae_unlearn.concepts.pack import normalise
+
+    parts = {part: [normalise(t) for t in pack.forget_split(part)] for part in ("train", "relearn", "heldout")}
+    for part, texts in parts.items():
+        assert len(set(texts)) == len(texts), part
+    assert not set(parts["train"]) & set(parts["relearn"])
+    assert not set(parts["train"]) & set(parts["heldout"])
+    assert not set(parts["relearn"]) & set(parts["heldout"])
+    assert sum(map(len, parts.values())) == len({normalise(t) for t in pack.forget})
+
+
+def _pack_with(tmp_path: Path, forget: list[str]):
+    root = write_pack(tmp_path / "pack")
+    (root / "forget.txt").write_text("\n\n".join(forget) + "\n")
+    return load_pack(root)
+
+
+def test_duplicated_paragraphs_never_straddle_splits(tmp_path: Path) -> None:
+    distinct = [f"Paragraph {i} tells of the wizard Zorbo and the spell number {i}." for i in range(90)]
+    copies = [t.upper().replace(" ", "  ") for t in distinct[:30]] + [t + " !" for t in distinct[30:40]]
+    pack = _pack_with(tmp_path, distinct + copies)
+    assert pack.duplicates()["forget"] == 40 and len(pack.forget) == 130
+    _assert_disjoint_forget_splits(pack)
+    assert len(pack.forget_split("relearn")) == 32 and len(pack.forget_split("heldout")) == 24
+    assert "relearning" not in pack.split_problems()
+
+
+def test_a_small_pack_gets_invalid_marks_not_silent_overlap(tmp_path: Path, caplog) -> None:
+    from sae_unlearn.evaluation.evaluate import EvalConfig, split_validity
+
+    pack = _pack_with(tmp_path, [f"Zorbo casts spell {i} at dawn over the tower." for i in range(20)])
+    problems = pack.split_problems()
+    assert {"retention.forget_heldout_ppl", "reactivation", "relearning", "fluency.forget_prompts"} <= set(problems)
+    assert "only 20 distinct forget paragraphs" in problems["relearning"]
+    with caplog.at_level("WARNING"):
+        validity = split_validity(pack, EvalConfig())
+    assert validity["invalid"] == problems and "relearning is not a held-out measurement" in caplog.text
+    assert "probes" in split_validity(pack, EvalConfig(probe_split="all"))["invalid"]
+    with pytest.raises(UserError, match="unknown forget split"):
+        pack.forget_split("test")
+
+
+def test_tune_and_report_prompts_are_disjoint_or_marked(tmp_path: Path) -> None:
+    distinct = [f"Story {i}: the wizard Zorbo walks to the tower of Quendor at night." for i in range(70)]
+    pack = _pack_with(tmp_path, distinct)
+    tune, report = pack.prompt_split("tune"), pack.prompt_split("report")
+    assert tune and report and not set(tune) & set(report) and len(report) <= 8
+    assert "fluency.forget_prompts" not in pack.split_problems()
+    pack.prompts = ["Zorbo is a", "zorbo  IS a"]  # one distinct prompt: cannot be split
+    assert pack.prompt_split("tune") == pack.prompt_split("report") == ["Zorbo is a"]
+    assert "the same set" in pack.split_problems()["fluency.forget_prompts"]
 
 
 def test_prompts_file_is_optional_and_checked(tmp_path: Path) -> None:

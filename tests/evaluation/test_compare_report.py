@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 import pytest
 
 from sae_unlearn.evaluation.compare import GOALS as COMPARE_GOALS
+from sae_unlearn.evaluation.goals import paired_rings
 from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report
 
 EVIL = "<b>& it"
@@ -35,8 +36,14 @@ def _result(
         "model": "m",
         "probes": {
             "rings": {
-                r: {"logprob": _acc(a), "letter": _acc(a), "letter_all_permutations": None} for r, a in rings.items()
-            }
+                r: {"logprob": _acc(a), "letter": _acc(a), "letter_all_rotations": None, "chance": 0.25}
+                for r, a in rings.items()
+            },
+            "items": {
+                f"{r}{i}": {"ring": r, "logprob": float(i < round(a * 40)), "letter": float(i < round(a * 40))}
+                for r, a in rings.items()
+                for i in range(40)
+            },
         },
         "retention": {"retain_heldout_ppl": retain, "generic_ppl": None, "forget_heldout_ppl": 30.0},
         "fluency": {
@@ -50,7 +57,9 @@ def _result(
             "coherence": {"base_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]},
         },
         "reactivation": {"fraction": reactivation, "per_layer": {}} if reactivation is not None else None,
-        "adversarial": {"templates": {}, "worst_case": _acc(0.4)} if name != "clamp" else None,
+        "adversarial": {"templates": {}, "any_template_accuracy": _acc(0.4), "chance": {"any_template": 0.822}}
+        if name != "clamp"
+        else None,
         "relearning": None
         if curve is None
         else {
@@ -85,6 +94,8 @@ def results() -> dict:
     }
     methods["clamp"]["fluency"]["coherence"] = None
     methods["crisp"]["fluency"]["forget_prompts"]["repeated_3gram_share"] = 0.25
+    for name in ("crisp", "clamp"):
+        methods[name]["paired"] = paired_rings(methods[name], methods["base"])
     return {
         "version": 1,
         "concept": "harry_potter",
@@ -95,23 +106,25 @@ def results() -> dict:
     }
 
 
-def test_goals_hand_checked(results: dict) -> None:
-    rows = {k: (g, m, ok) for k, g, m, ok in goal_rows(results)}
-    assert rows["target_within_chance_points"][1] == pytest.approx(5.0)
-    assert rows["target_within_chance_points"][2] is True
-    assert rows["far_drop_max_points"][1] == pytest.approx(3.0) and rows["far_drop_max_points"][2] is False
-    assert rows["near_drop_max_points"][1] == pytest.approx(5.0) and rows["near_drop_max_points"][2] is True
-    assert rows["retain_ppl_rise_max"][1] == pytest.approx(0.04) and rows["retain_ppl_rise_max"][2] is True
-    assert rows["forget_prompt_fluency_ratio_max"][1] == pytest.approx(2.5)
-    assert rows["forget_prompt_fluency_ratio_max"][2] is False
-    assert rows["relearn_recovery_max"][1] == pytest.approx(0.25) and rows["relearn_recovery_max"][2] is True
-    assert rows["forget_prompt_repetition_rise_max"][1:] == (pytest.approx(0.25), False)
-    assert rows["custom_goal"] == (3, None, None)
+def test_goal_rows_cover_every_method(results: dict) -> None:
+    rows = {(m, k): row for m, k, _, row in goal_rows(results)}
+    assert {m for m, _ in rows} == {"crisp", "clamp"}  # every method but the base one
+    # crisp: target 0.30 [0.25, 0.35] against chance 0.25: +5 points, CI [0, 10] inside the +-10 limit
+    target = rows[("crisp", "target_within_chance_points")]
+    assert target["value"] == pytest.approx(5.0) and target["verdict"] == "met"
+    # clamp: target 0.50 [0.45, 0.55]: +25 points, the whole CI beyond the limit
+    assert rows[("clamp", "target_within_chance_points")]["verdict"] == "missed"
+    near = rows[("clamp", "near_drop_max_points")]  # 4 of 40 near probes lost: 10 points, every pair a loss
+    assert near["value"] == pytest.approx(10.0) and near["ci95"][0] > 0
+    assert rows[("crisp", "custom_goal")]["verdict"] == "inconclusive"
+    assert rows[("crisp", "relearn_recovery_max")]["value"] == pytest.approx((0.45 - 0.3) / (0.9 - 0.3))
+    results["verdicts"] = {"crisp": {"far_drop_max_points": {"limit": 2, "value": 1.0, "verdict": "met"}}}
+    assert [(m, k, row["verdict"]) for m, k, _, row in goal_rows(results)] == [("crisp", "far_drop_max_points", "met")]
 
 
-def test_goals_without_crisp_are_unmeasured(results: dict) -> None:
-    del results["methods"]["crisp"]
-    assert all(m is None and ok is None for _, _, m, ok in goal_rows(results))
+def test_goals_without_a_base_are_inconclusive(results: dict) -> None:
+    del results["methods"]["base"]
+    assert all(row["verdict"] == "inconclusive" and row["value"] is None for *_, row in goal_rows(results))
     assert "<svg" in render_compare_report(results)
 
 
@@ -129,8 +142,10 @@ def test_page(results: dict) -> None:
     assert "src=" not in low and "<link" not in low and "http" not in low and "<script" not in low
     assert "0.90 [0.85, 0.95]" in page
     assert "hellaswag" in page
-    assert "far_drop_max_points: 2" in page and '<span class="fail">fail</span>' in page
-    assert '<span class="pass">pass</span>' in page and "custom_goal: 3" in page
+    assert "far_drop_max_points: 2" in page and '<span class="na">inconclusive</span>' in page
+    assert '<span class="pass">met</span>' in page and "custom_goal: 3" in page
+    assert "Δ vs base · logprob · target" in page and "-0.60 [" in page  # crisp target 0.30 vs base 0.90
+    assert "adversarial any-template chance" in page and "0.822" in page
 
 
 def test_page_is_well_formed(results: dict) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.evaluation.compare import CompareConfig, compare
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
@@ -18,7 +20,10 @@ def test_evaluate_base_and_run(loaded, sae_dir, pack_dir, tmp_path: Path) -> Non
     base = evaluate(loaded, pack, None, cfg=FAST)
     assert set(base["probes"]["rings"]) == {"target", "near", "mid", "far"}
     assert base["retention"]["retain_heldout_ppl"] > 1 and base["relearning"]["curve"][0]["step"] == 0
-    assert base["adversarial"]["worst_case"]["n"] == 2 and base["reactivation"] is None
+    assert base["adversarial"]["any_template_accuracy"]["n"] == 2 and base["reactivation"] is None
+    assert base["adversarial"]["chance"]["any_template"] == pytest.approx(1 - 0.75**6)
+    assert base["record"]["config"]["relearn_steps"] == 2 and base["record"]["pack"]["name"] == "zorbo"
+    assert {"probes", "relearning"} <= set(base["validity"]["invalid"])  # the "all" split; a 12-paragraph pack
     saes = load_saes(str(sae_dir))
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), with_examples=False)
     run = unlearn(
@@ -51,7 +56,11 @@ def test_compare_writes_results_and_report(loaded, sae_dir, pack_dir, tmp_path: 
     assert set(results["methods"]) == {"base", "clamp", "rmu"}
     assert set(results["seconds"]) == {"feature_selection", "unlearn_clamp", "unlearn_rmu", "total"}
     assert (tmp_path / "cmp" / "report.html").read_text().count("<svg") >= 3
-    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["concept"] == "zorbo"
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert saved["concept"] == "zorbo" and set(saved["verdicts"]) == {"clamp", "rmu"}
+    assert saved["methods"]["clamp"]["paired"]["rings"]["target"]["logprob"]["n"] >= 1
+    assert saved["verdicts"]["rmu"]["relearn_recovery_max"]["note"].startswith("invalid:")
+    assert saved["record"]["config"]["methods"] == ["clamp", "rmu"]
 
 
 def test_compare_refuses_attacks_on_a_method_it_does_not_run(loaded, pack_dir, tmp_path: Path) -> None:
