@@ -216,7 +216,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 flu.get("base_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
                 (r.get("adversarial") or {}).get("worst_case", {}).get("acc", "—"),
-                relearn["curve"][-1]["target_acc"] if relearn else "—",
+                relearn["curve"][-1]["target_acc"] if relearn.get("curve") else "—",
             ]
         )
     stdout.print(

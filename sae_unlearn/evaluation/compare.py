@@ -99,8 +99,15 @@ def compare(
         "methods": {},
     }
     say("evaluate base")
+    relearn_cache: dict[Any, Any] = {}  # the base model's attack curves: every method's control
     results["methods"]["base"] = evaluate(
-        loaded, pack, None, cfg=cfg.eval, name="base", progress=lambda m: say(f"evaluate base: {m}")
+        loaded,
+        pack,
+        None,
+        cfg=cfg.eval,
+        name="base",
+        progress=lambda m: say(f"evaluate base: {m}"),
+        relearn_cache=relearn_cache,
     )
     _write(out, results)
     base_levels: dict[int, float] | None = None
@@ -131,6 +138,7 @@ def compare(
             name=method,
             base_levels=base_levels,
             progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
+            relearn_cache=relearn_cache,
         )
         _write(out, results)
     results["seconds"]["total"] = round(time.perf_counter() - started, 1)

@@ -377,6 +377,7 @@ def relearning_evaluation(
         "protocol": PROTOCOL,
         "leaked": leaked,
         "split": split.sizes(),
+        "scored_ids": [p.id for p in split.scored],
         "ppl_ratio_max": cfg.ppl_ratio_max,
         "dtype": cfg.dtype,
         "seeds": list(cfg.seeds),
