@@ -557,4 +557,4 @@ def relearning_html(methods: dict[str, Any]) -> str:
         + ("; ".join(worst) or "—")
         + "</p>"
     )
-    return f"<h2>Relearning attacks</h2>{note}<table><tr>{th}</tr>{body}</table>"
+    return f"<h2>Relearning attacks</h2>{note}<table class='data'><tr>{th}</tr>{body}</table>"

@@ -111,7 +111,11 @@ def _measure(key: str, b: Any, c: Any) -> float | None:
             _num(_get(b, "fluency", "forget_prompts", "repeated_3gram_share")),
         ),
         "relearn_recovery_max": lambda: (
-            _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1])) if curve else None
+            _num(_get(c, "relearning", "worst_case", "recovery"))  # fact-disjoint attacks (relearning.py)
+            if isinstance(_get(c, "relearning", "attacks"), dict)
+            else _div(_sub(curve[-1][1], curve[0][1]), _sub(_step0(b), curve[0][1]))
+            if curve
+            else None
         ),
     }
     return measures[key]() if key in measures else None
@@ -327,11 +331,13 @@ def render_compare_report(results: dict[str, Any]) -> str:
         + "</p>"
     )
     title = _esc(f"compare · {results.get('concept', '')} · {results.get('model', '')}")
+    from sae_unlearn.evaluation.relearning import relearning_html
+
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f'<style>{CSS}</style></head><body><h1>{title}</h1><table class="meta">{meta}</table>'
         f"<h2>Metrics</h2>{_table(['metric', *ms], [[k, *v] for k, v in _metric_rows(ms)])}"
-        f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}"
+        f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}{relearning_html(ms)}"
         f"<h2>Plots</h2>{legend}{_plots(ms, colors)}<h2>Generations before/after</h2>{_generations(ms)}"
         "</body></html>"
     )
