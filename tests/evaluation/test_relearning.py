@@ -181,3 +181,25 @@ def test_attack_refuses_a_leak(loaded, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(relearning, "fact_disjoint_split", leaky)
     with pytest.raises(RuntimeError, match="1 attack texts contain a scored answer"):
         relearning_evaluation(loaded, None, pack, pack.probes, TINY)
+
+
+def test_report_shows_recovery_with_control_and_the_goal_reads_the_worst_case() -> None:
+    from sae_unlearn.evaluation.report import goal_rows, render_compare_report
+
+    curve = [
+        {"step": 0, "target_acc": 0.3, "generic_ppl": 20.0, "generic_ppl_ratio": 1.0, "recovery": 0.0},
+        {"step": 10, "target_acc": 0.55, "generic_ppl": 24.0, "generic_ppl_ratio": 1.2, "recovery": 0.5},
+    ]
+    control = {"curve": [{"step": 0, "target_acc": 0.8}, {"step": 10, "target_acc": 0.82}], "gain": 0.02}
+    rec = {
+        "leaked": 0,
+        "ppl_ratio_max": 1.5,
+        "attacks": {"lora_r16": {"curve": curve, "recovery": 0.5, "control": control}},
+        "worst_case": {"attack": "lora_r16", "step": 10, "recovery": 0.5, "generic_ppl_ratio": 1.2},
+        "curve": [{"step": 0, "target_acc": 0.3}, {"step": 10, "target_acc": 0.55}],
+    }
+    results = {"goals": {"relearn_recovery_max": 0.4}, "methods": {"base": {}, "crisp": {"relearning": rec}}}
+    assert goal_rows(results) == [("relearn_recovery_max", 0.4, 0.5, False)]
+    page = render_compare_report(results)
+    assert "Relearning attacks" in page and "0.80 → 0.82" in page and "0.30 → 0.55" in page
+    assert "crisp: 0.50 (lora_r16, step 10)" in page
