@@ -356,7 +356,7 @@ def relearning_evaluation(
     pack: ConceptPack,
     scored_from: Sequence[Probe],
     cfg: RelearnConfig | None = None,
-    cache: dict[str, Any] | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every attack of `cfg` on the model under test (base + `run`) and, as the control, on the base
     model; return the "relearning" record. `cache` (one dict per compare) keeps the base model's curves
