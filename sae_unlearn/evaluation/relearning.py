@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import hashlib
 import html
+import json
 import logging
 import math
 import random
@@ -399,21 +400,22 @@ def relearning_evaluation(
             skipped[attack.name] = f"no {attack.text} attack text is free of the scored answers"
             continue
         curves = []
+        spec = json.dumps(dataclasses.asdict(attack), sort_keys=True)  # same name, other settings: other curve
         for seed in cfg.seeds:
-            curve = cache.get((attack.name, seed, key)) if is_base else None
+            curve = cache.get((spec, seed, key)) if is_base else None
             if curve is None:
                 curve = _run_curve(loaded, run, attack, seed, split, ppl_texts, cfg)
                 if is_base:
-                    cache[(attack.name, seed, key)] = curve
+                    cache[(spec, seed, key)] = curve
             curves.append(curve)
             unlearned_right = unlearned_right or curve[0]["right"]
         control = None
         if cfg.base_control and not is_base and attack.text == "facts":
             control_curves = []
             for seed in cfg.seeds:
-                if (attack.name, seed, key) not in cache:
-                    cache[(attack.name, seed, key)] = _run_curve(loaded, None, attack, seed, split, ppl_texts, cfg)
-                control_curves.append(cache[(attack.name, seed, key)])
+                if (spec, seed, key) not in cache:
+                    cache[(spec, seed, key)] = _run_curve(loaded, None, attack, seed, split, ppl_texts, cfg)
+                control_curves.append(cache[(spec, seed, key)])
             control_mean = _mean_curve(control_curves)
             control = {
                 "curve": control_mean,
