@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli import chat, pipeline  # noqa: F401  (register their commands)
+from sae_unlearn.cli import attack, chat, pipeline  # noqa: F401  (register their commands)
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import friendly_errors, parse_layers, progress_bar, setup_logging, stdout, table
 from sae_unlearn.errors import UserError

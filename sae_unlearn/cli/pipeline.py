@@ -232,7 +232,7 @@ def _print_summary(results: dict[str, Any]) -> None:
                 flu.get("base_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
                 _any_template(r.get("adversarial") or {}),
-                relearn["curve"][-1]["target_acc"] if relearn else "—",
+                relearn["curve"][-1]["target_acc"] if relearn.get("curve") else "—",
             ]
         )
     stdout.print(

@@ -147,10 +147,6 @@ class ConceptPack:
             problems["retention.forget_heldout_ppl"] = problems["reactivation"] = why
             if not self.prompts:
                 problems["fluency.forget_prompts"] = why + "; the prompts open training paragraphs"
-        if train & set(self.forget_split("relearn")):
-            problems["relearning"] = (
-                f"only {len(dedup(self.forget))} distinct forget paragraphs: the attack trains on the unlearning text"
-            )
         if set(self.prompt_split("tune")) & set(self.prompt_split("report")):
             problems["fluency.forget_prompts"] = "too few prompts to split: tune and report prompts are the same set"
         heldout = self.retain_split("heldout")

@@ -95,8 +95,15 @@ def compare(
         "methods": {},
     }
     say("evaluate base")
+    relearn_cache: dict[Any, Any] = {}  # the base model's attack curves: every method's control
     results["methods"]["base"] = evaluate(
-        loaded, pack, None, cfg=cfg.eval, name="base", progress=lambda m: say(f"evaluate base: {m}")
+        loaded,
+        pack,
+        None,
+        cfg=cfg.eval,
+        name="base",
+        progress=lambda m: say(f"evaluate base: {m}"),
+        relearn_cache=relearn_cache,
     )
     _write(out, results)
     base_levels: dict[int, float] | None = None
@@ -127,6 +134,7 @@ def compare(
             name=method,
             base_levels=base_levels,
             progress=lambda m, method=method: say(f"evaluate {method}: {m}"),
+            relearn_cache=relearn_cache,
         )
         results["methods"][method]["paired"] = paired_rings(results["methods"][method], results["methods"]["base"])
         _write(out, results)

@@ -17,7 +17,7 @@ results.json schema (version 1), one object per evaluated model:
      "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
      "adversarial": {"templates": {name: acc}, "any_template_accuracy": acc, "n_templates",
                      "chance": {"per_template", "any_template"}} | null   (adversarial.py)
-     "relearning": {"steps", "lr", "paragraphs", "curve": [{"step", "target_acc"}]} | null,
+     "relearning": fact-disjoint attacks with controls, see evaluation/relearning.py | null,
      "lm_eval": {task: {metric: value}} | null, "seconds", "stage_seconds": {stage: seconds}}
 """
 
@@ -39,12 +39,12 @@ import torch
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.evaluation.adversarial import adversarial
 from sae_unlearn.evaluation.record import build_record
-from sae_unlearn.evaluation.robustness import relearning_attack
+from sae_unlearn.evaluation.relearning import RelearnConfig, grid, relearning_evaluation
 from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
 from sae_unlearn.evaluation.text import fluency_metrics, perplexity, text_nlls
 from sae_unlearn.features import load_features
 from sae_unlearn.features.statistics import encode_layers, iter_batches
-from sae_unlearn.methods import apply, attach_permanently
+from sae_unlearn.methods import apply
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import read_config
@@ -61,9 +61,11 @@ class EvalConfig:
     letter: bool = True
     adversarial: bool = True
     relearn: bool = True
-    relearn_steps: int = 20
-    relearn_lr: float = 3e-4
+    relearn_steps: int = 20  # the default grid's last step (relearn_eval_at past it are dropped)
+    relearn_lr: float = 2e-4  # the default grid's LoRA learning rate
     relearn_eval_at: list[int] = field(default_factory=lambda: [0, 10, 20])
+    relearn_grid: str = "default"  # default: LoRA r16 + base control; full: see evaluation/relearning.grid
+    relearn_seeds: list[int] = field(default_factory=lambda: [0])
     fluency_tokens: int = 32
     max_probes_per_ring: int | None = None
     max_ppl_texts: int = 40
@@ -133,7 +135,9 @@ def evaluate(
     name: str | None = None,
     base_levels: dict[int, float] | None = None,
     progress: Callable[[str], None] | None = None,
+    relearn_cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
+    """`relearn_cache`: one dict shared by the evaluations of one comparison (the base-model controls)."""
     cfg = cfg or EvalConfig()
     start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -236,8 +240,7 @@ def evaluate(
     result.setdefault("lm_eval", None)
     if cfg.relearn and pack is not None and targets and robust:
         say("relearning attack")
-        initial = result["probes"]["rings"]["target"]["logprob"]["acc"]
-        result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg, initial)
+        result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg, relearn_cache)
     else:
         result["relearning"] = None
     say("")
@@ -251,31 +254,25 @@ def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> flo
     return float(np.mean([int(np.argmax(s)) == 0 for s in lp]))
 
 
+def relearn_config(cfg: EvalConfig) -> RelearnConfig:
+    if cfg.relearn_grid == "default":
+        eval_at = sorted({0, cfg.relearn_steps, *(s for s in cfg.relearn_eval_at if s <= cfg.relearn_steps)})
+        attacks = grid("default", eval_at=eval_at, lr=cfg.relearn_lr)
+    else:
+        attacks = grid(cfg.relearn_grid)
+    return RelearnConfig(attacks=attacks, seeds=list(cfg.relearn_seeds), ppl_texts=min(16, cfg.max_ppl_texts))
+
+
 def relearn(
     loaded: LoadedModel,
     run_dir: Path | None,
     pack: ConceptPack,
     targets: Sequence[Probe],
     cfg: EvalConfig,
-    initial: float | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Relearning attack on a throwaway copy of the model with the run made permanent."""
-    import copy
-
-    attack = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-    with contextlib.ExitStack() as stack:
-        model = attach_permanently(attack, run_dir, stack) if run_dir is not None else attack.model
-        model.requires_grad_(False)
-        return relearning_attack(
-            model,
-            loaded.tokenizer,
-            pack.forget_split("relearn"),
-            lambda m: target_accuracy(m, loaded.tokenizer, targets),
-            steps=cfg.relearn_steps,
-            lr=cfg.relearn_lr,
-            eval_at=cfg.relearn_eval_at,
-            initial=initial,
-        )
+    """Fact-disjoint relearning attacks on private copies of the model under test, with controls."""
+    return relearning_evaluation(loaded, run_dir, pack, targets, relearn_config(cfg), cache)
 
 
 def _ppl(nlls: Sequence[tuple[float, int]]) -> float:

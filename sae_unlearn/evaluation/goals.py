@@ -123,8 +123,14 @@ def _paired_samples(
 
 
 def _relearn_recovery(method: dict[str, Any], base: dict[str, Any]) -> Measure:
-    """(acc after the attack - acc before) / (base acc - acc before): a point estimate (the relearning
-    curve carries no per-probe data), so its CI is the point itself; see `note`."""
+    """The fact-disjoint attacks' worst-case recovery fraction (relearning.py); for records without it,
+    (acc after the attack - acc before) / (base acc - acc before) from the curve. A point estimate (the
+    curves carry no per-probe data), so its CI is the point itself; see `note`."""
+    worst = _finite(_get(method, "relearning", "worst_case", "recovery"))
+    if worst is not None:
+        return worst, (worst, worst)
+    if isinstance(_get(method, "relearning", "attacks"), dict):
+        return None  # attacks ran but no recovery is defined (gap within noise, or every attack broke the model)
     curve = sorted((p["step"], p["target_acc"]) for p in _get(method, "relearning", "curve") or [] if "target_acc" in p)
     base_acc = _finite(_get(base, "probes", "rings", "target", "logprob", "acc"))
     if len(curve) < 2 or base_acc is None or base_acc - curve[0][1] <= 0:

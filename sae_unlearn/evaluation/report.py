@@ -333,11 +333,13 @@ def render_compare_report(results: dict[str, Any]) -> str:
         + "</p>"
     )
     title = _esc(f"compare · {results.get('concept', '')} · {results.get('model', '')}")
+    from sae_unlearn.evaluation.relearning import relearning_html
+
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f'<style>{CSS}</style></head><body><h1>{title}</h1><table class="meta">{meta}</table>'
         f"<h2>Metrics</h2>{_table(['metric', *ms], [[k, *v] for k, v in _metric_rows(ms)])}"
-        f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}"
+        f"<h2>Goals</h2>{gtable if goals else '<p class=na>no goals</p>'}{relearning_html(ms)}"
         f"<h2>Plots</h2>{legend}{_plots(ms, colors)}<h2>Generations before/after</h2>{_generations(ms)}"
         "</body></html>"
     )

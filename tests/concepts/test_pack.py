@@ -62,7 +62,6 @@ def test_duplicated_paragraphs_never_straddle_splits(tmp_path: Path) -> None:
     assert pack.duplicates()["forget"] == 40 and len(pack.forget) == 130
     _assert_disjoint_forget_splits(pack)
     assert len(pack.forget_split("relearn")) == 32 and len(pack.forget_split("heldout")) == 24
-    assert "relearning" not in pack.split_problems()
 
 
 def test_a_small_pack_gets_invalid_marks_not_silent_overlap(tmp_path: Path, caplog) -> None:
@@ -70,11 +69,11 @@ def test_a_small_pack_gets_invalid_marks_not_silent_overlap(tmp_path: Path, capl
 
     pack = _pack_with(tmp_path, [f"Zorbo casts spell {i} at dawn over the tower." for i in range(20)])
     problems = pack.split_problems()
-    assert {"retention.forget_heldout_ppl", "reactivation", "relearning", "fluency.forget_prompts"} <= set(problems)
-    assert "only 20 distinct forget paragraphs" in problems["relearning"]
+    assert {"retention.forget_heldout_ppl", "reactivation", "fluency.forget_prompts"} <= set(problems)
+    assert "only 20 distinct forget paragraphs" in problems["reactivation"]
     with caplog.at_level("WARNING"):
         validity = split_validity(pack, EvalConfig())
-    assert validity["invalid"] == problems and "relearning is not a held-out measurement" in caplog.text
+    assert validity["invalid"] == problems and "reactivation is not a held-out measurement" in caplog.text
     assert "probes" in split_validity(pack, EvalConfig(probe_split="all"))["invalid"]
     with pytest.raises(UserError, match="unknown forget split"):
         pack.forget_split("test")
