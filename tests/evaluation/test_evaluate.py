@@ -61,7 +61,7 @@ def test_compare_writes_results_and_report(loaded, sae_dir, pack_dir, tmp_path: 
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert saved["concept"] == "zorbo" and set(saved["verdicts"]) == {"clamp", "rmu"}
     assert saved["methods"]["clamp"]["paired"]["rings"]["target"]["logprob"]["n"] >= 1
-    assert saved["verdicts"]["rmu"]["relearn_recovery_max"]["note"].startswith("invalid:")
+    assert saved["verdicts"]["rmu"]["relearn_recovery_max"]["note"] == "not measured"  # every attack skipped
     assert saved["record"]["config"]["methods"] == ["clamp", "rmu"]
 
 
