@@ -83,6 +83,8 @@ def main() -> None:
             result = evaluate(loaded, pack, run, cfg=cfg)
             summary = json.loads((run / "config.json").read_text()).get("result", {})
         print(row(spec or "defaults", result, time.perf_counter() - start), flush=True)
+        if summary.get("final"):  # rmu: the last step's loss terms and activation shifts
+            print("  final training terms: " + json.dumps(summary["final"]), flush=True)
         if summary.get("stopped_early"):
             print(f"  stopped early: kept the adapter of step {summary['last_fluent_step']}", flush=True)
 

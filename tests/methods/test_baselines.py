@@ -101,7 +101,8 @@ def test_rmu_default_parameters_follow_the_architecture(tokenizer) -> None:
     llama = decoder_blocks(tiny_model("llama", len(tokenizer)))[0]
     gemma = decoder_blocks(tiny_model("gemma3_text", len(tokenizer)))[0]
     assert default_param_names(llama) == ["mlp.down_proj.weight"]
-    assert default_param_names(gemma) == ["mlp.down_proj.weight", "post_feedforward_layernorm.weight"]
+    gpt2 = decoder_blocks(tiny_model("gpt2", len(tokenizer)))[0]
+    assert default_param_names(gemma) == ["mlp.down_proj.weight"] and default_param_names(gpt2) == ["mlp.c_proj.weight"]
 
 
 def test_rmu_logs_shifts_and_refuses_unknown_parameters(loaded, pack_dir, tmp_path: Path) -> None:
