@@ -23,7 +23,7 @@ from sae_unlearn.cli.pipeline import parse_options
 from sae_unlearn.concepts.pack import RINGS, load_pack
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
 from sae_unlearn.features import find_features, make_strategy
-from sae_unlearn.methods import unlearn
+from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models import load_model
 from sae_unlearn.saes import load_saes_for
 
@@ -55,7 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(args.model)
     pack = load_pack(args.concept)
-    saes = load_saes_for(loaded, args.sae)
+    needs_saes = METHODS[args.method].needs_saes  # rmu and npo: no SAEs, no feature selection
+    saes = load_saes_for(loaded, args.sae) if needs_saes else []
     cfg = EvalConfig(probe_split="tune", letter=False, adversarial=False, relearn=False, max_ppl_texts=16)
     rings = " ".join(f"{r:5s}" for r in RINGS)
     header = f"{'setting':60s} {rings}  retain  generic  forget  fluency repeat react  time"
@@ -69,10 +70,12 @@ def main() -> None:
         common = parse_options(args.common.split()) if args.common else {}
         method_opts = common | {k: v for k, v in opts.items() if not k.startswith("features.")}
         start = time.perf_counter()
-        strategy = make_strategy("crisp", k=args.k, **feat_opts)
-        selection = find_features(
-            loaded, saes, pack, strategy, k=args.k, max_length=args.max_length, with_examples=False
-        )
+        selection = None
+        if needs_saes:
+            strategy = make_strategy("crisp", k=args.k, **feat_opts)
+            selection = find_features(
+                loaded, saes, pack, strategy, k=args.k, max_length=args.max_length, with_examples=False
+            )
         with tempfile.TemporaryDirectory() as tmp:
             run = unlearn(
                 args.method, loaded, pack, Path(tmp) / "run", options=method_opts, saes=saes, features=selection
@@ -80,6 +83,8 @@ def main() -> None:
             result = evaluate(loaded, pack, run, cfg=cfg)
             summary = json.loads((run / "config.json").read_text()).get("result", {})
         print(row(spec or "defaults", result, time.perf_counter() - start), flush=True)
+        if summary.get("final"):  # rmu: the last step's loss terms and activation shifts
+            print("  final training terms: " + json.dumps(summary["final"]), flush=True)
         if summary.get("stopped_early"):
             print(f"  stopped early: kept the adapter of step {summary['last_fluent_step']}", flush=True)
 

@@ -1,4 +1,4 @@
-"""Unlearning methods behind one interface (registry: crisp, clamp, ablate, rmu), plus `apply` and
+"""Unlearning methods behind one interface (registry: crisp, clamp, ablate, rmu, npo), plus `apply` and
 `export_merged` for their run directories."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.features import FeatureSelection
 from sae_unlearn.io import atomic_dir, atomic_write_json
-from sae_unlearn.methods import clamp, crisp, rmu  # noqa: F401  (registration)
+from sae_unlearn.methods import clamp, crisp, npo, rmu  # noqa: F401  (registration)
 from sae_unlearn.methods.base import METHODS, MethodContext, method_config
 from sae_unlearn.methods.interventions import Intervention, install
 from sae_unlearn.methods.preset import load_preset, model_family
@@ -31,6 +31,7 @@ from sae_unlearn.saes.loading import LoadedSAE, load_saes
 
 log = logging.getLogger(__name__)
 __all__ = ["METHODS", "apply", "export_merged", "method_config", "unlearn"]
+ADAPTER_METHODS = ("crisp", "npo")  # run directories holding a PEFT adapter
 
 
 def unlearn(
@@ -115,7 +116,7 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
         saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device))
         with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
             yield loaded.model
-    elif method == "crisp":
+    elif method in ADAPTER_METHODS:
         from peft import PeftModel
 
         adapter = run_dir / "adapter"
@@ -169,11 +170,11 @@ def export_merged(loaded: LoadedModel, run_dir: str | Path, out: Path, overwrite
     if config["method"] in ("clamp", "ablate"):
         raise UserError(
             f"{config['method']} is an inference-time intervention and has no weights to merge",
-            "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/rmu run",
+            "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/npo/rmu run",
         )
     run_dir = Path(run_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if config["method"] == "crisp":
+        if config["method"] in ADAPTER_METHODS:
             from peft import PeftModel
 
             from sae_unlearn.models.loading import load_model

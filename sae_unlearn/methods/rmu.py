@@ -1,11 +1,18 @@
 """RMU (WMDP paper, arXiv 2403.03218): the standard baseline, no SAE.
 
-On forget text the activations at one layer are pushed toward c * u (u a fixed random unit vector),
-on retain text they are kept at the frozen model's; only the MLP output projections of a few layers
-below it are updated (full weights, as published). Layer, update layers and c default to the same
-fraction of depth and scale as the published Zephyr-7B setting (layer 7 of 32, layers 5-7, c = 6.5
-at a residual norm of a few units): here c defaults to `coeff_scale` x the mean activation norm.
-The artifact is rmu_weights.safetensors: the updated down_proj weights, which `apply` swaps in.
+On forget text the residual stream after one block is pushed toward c * u (u a fixed random unit
+vector), on retain text it is kept at the frozen model's; only a few parameters of the blocks at and
+below it are updated (full weights, as published). The loss is the published one (mean squared
+errors, retain weighted by `alpha`) on valid tokens only (no BOS, no padding: Gemma's BOS state is
+~12x the norm of the others and would set both the coefficient and the loss), divided by the squared
+median token norm so its values read the same on any model (Adam does not see the scale).
+
+Gemma 2/3 normalise every sublayer's output (`post_feedforward_layernorm` after the MLP), so
+`down_proj` can turn the MLP's output but not grow it; measured on the embedded model it still moves
+the forget residual by half its norm within 20 steps, so the default update set stays the published
+one (`param_names` can add the norm's gain). What kept the old defaults from forgetting is in
+docs/baselines.md. The coefficient comes from the median non-BOS token norm over many forget tokens.
+The artifact is rmu_weights.safetensors: the updated parameters, which `apply` swaps in.
 """
 
 from __future__ import annotations
@@ -20,26 +27,109 @@ from safetensors.torch import save_file
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import hidden_at_layers, relative_mse, tokenize
+from sae_unlearn.methods.persistent import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.runs import TrainLog
 
 log = logging.getLogger(__name__)
 
+# the MLP output projection (updated by default, as published) across architecture families
+DOWN_PROJ_NAMES = ("mlp.down_proj.weight", "mlp.c_proj.weight", "mlp.dense_4h_to_h.weight")
+
 
 @dataclass
 class RmuConfig:
-    layer: int | None = None  # default: round(7/32 of depth)
-    update_layers: list[int] | None = None  # default: layer-2 .. layer
-    param_name: str = "mlp.down_proj"
-    steering_coeff: float | None = None  # default: coeff_scale x mean forget-activation norm
+    layer: int | None = None
+    """Block whose output (resid_post) is steered; default round(7/32 x depth), the published
+    Zephyr-7B proportion (layer 7 of 32)."""
+    update_layers: list[int] | None = None
+    """Blocks whose parameters are updated; default layer-2 .. layer (published: 5, 6, 7)."""
+    param_names: list[str] | None = None
+    """Parameter names inside each updated block; default the MLP output projection (published). Gemma's
+    post-MLP norm gain (`post_feedforward_layernorm.weight`) can be added: at lr 5e-5 it changed nothing
+    measurable (docs/baselines.md)."""
+    steering_coeff: float | None = None
+    """|c|; default `coeff_scale` x the median token norm at `layer` (no BOS, no padding)."""
     coeff_scale: float = 2.0
-    alpha: float = 100.0  # retain weight (published 1200 on raw MSE; ours is a relative MSE)
+    """Steering coefficient in units of the median token norm (published: 6.5 at Zephyr's layer 7)."""
+    coeff_texts: int = 64
+    """Forget-train paragraphs whose tokens give the median norm."""
+    alpha: float = 1.0
+    """Retain weight on the published scale (both MSEs in the same units): 1200 for Zephyr-7B in the
+    WMDP paper; Gemma-2-2B reproductions use about 1 or less."""
     lr: float = 5e-5
+    """AdamW learning rate on a float32 master copy of the updated parameters (published 5e-5)."""
     steps: int = 150
+    """Optimizer steps, one forget and one retain batch each (published: 150 batches for Zephyr)."""
     batch_size: int = 4
+    """Paragraphs per forget batch and per retain batch (published: 4)."""
     max_length: int = 128
+    """Tokens per paragraph (published: 512; 128 keeps a CPU run to minutes)."""
     seed: int = 0
+    """Seeds the random direction u and the batch order."""
+
+    def __post_init__(self) -> None:
+        if self.coeff_scale <= 0 or (self.steering_coeff is not None and self.steering_coeff <= 0):
+            raise UserError("the RMU steering coefficient must be positive", "e.g. coeff_scale=2")
+        if self.alpha < 0 or self.lr <= 0 or self.steps < 0 or self.batch_size < 1 or self.coeff_texts < 1:
+            raise UserError(
+                "RMU needs alpha >= 0, lr > 0, steps >= 0, batch_size >= 1 and coeff_texts >= 1",
+                "check the --set rmu.* options",
+            )
+
+
+def default_param_names(block: torch.nn.Module) -> list[str]:
+    """The MLP output projection of the block, whatever the family calls it."""
+    own = {name for name, _ in block.named_parameters()}
+    names = [n for n in DOWN_PROJ_NAMES if n in own][:1]
+    if not names:
+        raise UserError(
+            f"cannot find the MLP output projection of {type(block).__name__}",
+            "name the parameters to update with --set rmu.param_names=...",
+        )
+    return names
+
+
+def steering_vector(d_model: int, seed: int) -> torch.Tensor:
+    """The published direction: uniform [0, 1) entries, normalised (fixed by `seed`)."""
+    u = torch.rand(d_model, generator=torch.Generator().manual_seed(seed))
+    return u / u.norm()
+
+
+def median_token_norm(loaded: Any, texts: list[str], layer: int, max_length: int, batch_size: int = 8) -> float:
+    """Median L2 norm of the resid_post at `layer` over the valid (non-BOS, non-padding) tokens of `texts`."""
+    norms = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenize(loaded.tokenizer, texts[i : i + batch_size], max_length, loaded.device)
+            h = hidden_at_layers(loaded.model, batch, [layer]).hidden[layer]
+            norms.append(h.float()[batch.valid].norm(dim=-1))
+    return float(torch.cat(norms).median())
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens of the squared L2 distance (the published MSE up to the factor d_model)."""
+    return ((a.float() - b.float())[valid] ** 2).sum(-1).mean()
+
+
+def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -> float:
+    """Mean over valid tokens of |h - frozen| / |frozen|: how far training moved the activations."""
+    h, frozen = h.float()[valid], frozen.float()[valid]
+    return float(((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).mean())
+
+
+class _EpochBatches:
+    """Deterministic batches: each epoch a fresh shuffle seeded by (seed, salt, epoch)."""
+
+    def __init__(self, texts: list[str], batch_size: int, seed: int, salt: int) -> None:
+        self.texts, self.batch_size, self.seed, self.salt = texts, batch_size, seed, salt
+
+    def __call__(self, step: int) -> list[str]:
+        per_epoch = max(1, len(self.texts) // self.batch_size)
+        epoch, i = divmod(step, per_epoch)
+        order = list(range(len(self.texts)))
+        random.Random(self.seed * 1000 + self.salt * 100 + epoch).shuffle(order)
+        return [self.texts[j] for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
 
 
 @register
@@ -55,51 +145,55 @@ class RmuMethod(Method):
         n = loaded.n_layers
         layer = cfg.layer if cfg.layer is not None else max(1, round(7 / 32 * n))
         update = cfg.update_layers if cfg.update_layers is not None else list(range(max(0, layer - 2), layer + 1))
-        if not 0 <= layer < n or any(not 0 <= u <= layer for u in update):
+        if not 0 <= layer < n or not update or any(not 0 <= u <= layer for u in update):
             raise UserError(
                 f"RMU layer {layer} / update layers {update} do not fit blocks 0..{n - 1}",
                 "update layers must be at or below the steered layer",
             )
+        forget, retain = ctx.pack.forget_split("train"), ctx.pack.retain_split("train")
+        if len(forget) < cfg.batch_size or len(retain) < cfg.batch_size:
+            raise UserError("the forget or retain split is smaller than one batch", "lower --set rmu.batch_size")
         blocks = decoder_blocks(loaded.model)
         params: dict[str, torch.nn.Parameter] = {}
         for u in update:
-            module = blocks[u].get_submodule(cfg.param_name)
-            params[f"{u}.{cfg.param_name}.weight"] = module.weight  # type: ignore[assignment]
+            names = cfg.param_names if cfg.param_names is not None else default_param_names(blocks[u])
+            for name in names:
+                try:
+                    params[f"{u}.{name}"] = blocks[u].get_parameter(name)
+                except AttributeError as e:
+                    own = sorted(p for p, _ in blocks[u].named_parameters())
+                    raise UserError(f"block {u} has no parameter {name!r}", f"its parameters: {', '.join(own)}") from e
+
+        median_norm = median_token_norm(loaded, forget[: cfg.coeff_texts], layer, cfg.max_length)
+        coeff = cfg.steering_coeff if cfg.steering_coeff is not None else cfg.coeff_scale * median_norm
+        log.info(
+            "RMU: layer %d, updating %s, c = %.1f (median token norm %.1f)", layer, list(params), coeff, median_norm
+        )
+        target_vec = (coeff * steering_vector(loaded.d_model, cfg.seed)).to(loaded.device)
+        scale = median_norm**2  # loss units: the squared median norm
+
         originals = {k: p.detach().clone() for k, p in params.items()}
-        for p in params.values():
-            p.requires_grad_(True)
         master = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
         opt = torch.optim.AdamW(list(master.values()), lr=cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        u_vec = torch.rand(loaded.d_model, generator=gen)
-        u_vec = (u_vec / u_vec.norm()).to(loaded.device)
-        forget, retain = ctx.pack.forget_split("train"), ctx.pack.retain_split("train")
-        rng = random.Random(cfg.seed)
+        forget_batches = _EpochBatches(forget, cfg.batch_size, cfg.seed, 1)
+        retain_batches = _EpochBatches(retain, cfg.batch_size, cfg.seed, 2)
         train_log = TrainLog(ctx.out / "train_log.jsonl")
-        coeff = cfg.steering_coeff
+        terms: dict[str, float] = {}
         try:
+            for p in params.values():
+                p.requires_grad_(True)
             for step in range(cfg.steps):
-                f_batch = tokenize(loaded.tokenizer, rng.sample(forget, cfg.batch_size), cfg.max_length, loaded.device)
-                r_batch = tokenize(loaded.tokenizer, rng.sample(retain, cfg.batch_size), cfg.max_length, loaded.device)
-                with torch.no_grad():
-                    for k, p in params.items():
-                        p.copy_(originals[k])
-                    frozen_r = hidden_at_layers(loaded.model, r_batch, [layer]).hidden[layer]
-                    if coeff is None:
-                        h = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer]
-                        coeff = cfg.coeff_scale * float(h.float()[f_batch.valid].norm(dim=-1).mean())
-                        log.info("RMU steering coefficient %.1f (%.1f x mean norm)", coeff, cfg.coeff_scale)
-                    for k, p in params.items():
-                        p.copy_(master[k].to(p.dtype))
-                # gradients reach the bf16 weights; we step a float32 master copy
-                h_f = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer].float()
-                target = (coeff * u_vec).expand_as(h_f)
-                forget_loss = relative_mse(h_f, target, f_batch.valid)
+                f_batch = tokenize(loaded.tokenizer, forget_batches(step), cfg.max_length, loaded.device)
+                r_batch = tokenize(loaded.tokenizer, retain_batches(step), cfg.max_length, loaded.device)
+                frozen_f, frozen_r = self._frozen(loaded, params, originals, master, f_batch, r_batch, layer)
+                # gradients reach the model-dtype weights; we step a float32 master copy
+                h_f = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer]
                 h_r = hidden_at_layers(loaded.model, r_batch, [layer]).hidden[layer]
-                retain_loss = relative_mse(h_r, frozen_r, r_batch.valid)
+                forget_loss = masked_mse(h_f, target_vec.expand_as(h_f), f_batch.valid) / scale
+                retain_loss = masked_mse(h_r, frozen_r, r_batch.valid) / scale
                 total = forget_loss + cfg.alpha * retain_loss
                 if not torch.isfinite(total.detach()):
-                    raise UserError(f"RMU diverged at step {step}", "lower --lr")
+                    raise UserError(f"RMU diverged at step {step}", "lower --set rmu.lr")
                 for p in params.values():
                     p.grad = None
                 total.backward()
@@ -110,13 +204,20 @@ class RmuMethod(Method):
                 with torch.no_grad():
                     for k, p in params.items():
                         p.copy_(master[k].to(p.dtype))
-                terms = {"forget": float(forget_loss.detach()), "retain": float(retain_loss.detach())}
+                h_f_valid = h_f.detach().float()[f_batch.valid]
+                terms = {
+                    "forget": float(forget_loss.detach()),
+                    "retain": float(retain_loss.detach()),
+                    "forget_shift": relative_shift(h_f.detach(), frozen_f, f_batch.valid),
+                    "retain_shift": relative_shift(h_r.detach(), frozen_r, r_batch.valid),
+                    "forget_cos_u": float(torch.nn.functional.cosine_similarity(h_f_valid, target_vec, dim=-1).mean()),
+                }
                 train_log.write({"step": step + 1, "total": float(total.detach()), **terms})
                 if ctx.progress is not None:
                     ctx.progress(step + 1, cfg.steps, terms)
             weights = {k: master[k].detach().to(loaded.dtype).contiguous() for k in params}
             tmp = ctx.out / ".rmu_weights.safetensors.tmp"
-            save_file(weights, str(tmp), metadata={"param_name": cfg.param_name})
+            save_file(weights, str(tmp), metadata={"layer": str(layer)})
             tmp.replace(ctx.out / "rmu_weights.safetensors")
         finally:
             with torch.no_grad():
@@ -124,4 +225,32 @@ class RmuMethod(Method):
                     p.copy_(originals[k])
                     p.requires_grad_(False)
                     p.grad = None
-        return {"artifact": "rmu_weights.safetensors", "layer": layer, "update_layers": update, "steering_coeff": coeff}
+        return {
+            "artifact": "rmu_weights.safetensors",
+            "layer": layer,
+            "update_layers": update,
+            "updated_parameters": list(params),
+            "steering_coeff": coeff,
+            "median_token_norm": median_norm,
+            "final": terms,
+        }
+
+    @staticmethod
+    def _frozen(
+        loaded: Any,
+        params: dict[str, torch.nn.Parameter],
+        originals: dict[str, torch.Tensor],
+        master: dict[str, torch.Tensor],
+        f_batch: Batch,
+        r_batch: Batch,
+        layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen model's activations on both batches (original weights swapped in, then back)."""
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(originals[k])
+            frozen_f = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer]
+            frozen_r = hidden_at_layers(loaded.model, r_batch, [layer]).hidden[layer]
+            for k, p in params.items():
+                p.copy_(master[k].to(p.dtype))
+        return frozen_f, frozen_r
