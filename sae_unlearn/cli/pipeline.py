@@ -40,6 +40,26 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def split_options(pairs: list[str] | None, own: str, allowed_prefixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """--set pairs grouped by prefix: `own` for bare keys, else the part before the first dot.
+
+    `allowed_prefixes` are the groups this command takes; any other prefix is a one-line error.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in parse_options(pairs).items():
+        group, name = key.split(".", 1) if "." in key else (own, key)
+        if group not in allowed_prefixes:
+            raise UserError(
+                f"--set {key}=...: this command takes no {group}. options",
+                "use "
+                + " or ".join(
+                    f"--set {p}.OPTION=VALUE" if p != own else "--set OPTION=VALUE" for p in allowed_prefixes
+                ),
+            )
+        groups.setdefault(group, {})[name] = value
+    return groups
+
+
 def _refuse_existing_file(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
@@ -77,14 +97,16 @@ def features(
     from sae_unlearn.saes import load_saes_for
 
     _check_out(out, overwrite)
+    # bare keys and features.KEY are both strategy parameters here; --set k=5 is --k 5
+    groups = split_options(set_, "features", ("features",))
+    chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
     pack = load_pack(concept)
-    chosen = make_strategy(strategy, k=k, **parse_options(set_))
     loaded = load_model(model, dtype=dtype, device=device)
     saes = load_saes_for(loaded, sae)
     for s in saes:
-        if k > s.d_sae:
+        if chosen.k > s.d_sae:
             raise UserError(
-                f"--k {k} is larger than the SAE width {s.d_sae} at layer {s.layer}", "choose a smaller --k"
+                f"--k {chosen.k} is larger than the SAE width {s.d_sae} at layer {s.layer}", "choose a smaller --k"
             )
     with progress_bar("feature statistics", total=1) as update:
         selection = find_features(
@@ -131,18 +153,27 @@ def unlearn(
 ) -> None:
     """Run an unlearning method and write a run directory."""
     from sae_unlearn.concepts.pack import load_pack
-    from sae_unlearn.features import find_features, load_features
+    from sae_unlearn.features import find_features, load_features, make_strategy
     from sae_unlearn.methods import METHODS, method_config
     from sae_unlearn.methods import unlearn as run_unlearn
     from sae_unlearn.models import load_model
+    from sae_unlearn.options import field_names
     from sae_unlearn.saes import load_saes_for
 
-    options = parse_options(set_)
+    groups = split_options(set_, method, (method, "features"))
+    options = groups.get(method, {})
     if refusal_feature is not None:
         options["refusal_feature"] = refusal_feature
     if scale is not None:
         options["scale"] = scale
-    method_config(method, options)  # unknown method / option that does not apply: fail before loading anything
+    if "k" in options and method in METHODS and "k" not in field_names(METHODS[method].Config):
+        raise UserError(
+            f"--set k=...: k is the number of features per layer, not an option of method {method}",
+            f"pass --k {options['k']} or --set features.k={options['k']}",
+        )
+    # unknown method, option that does not apply, value of the wrong type: fail before loading anything
+    method_config(method, options)
+    chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
     if not resume:
         _check_out(out, overwrite)
     pack = load_pack(concept)
@@ -150,7 +181,7 @@ def unlearn(
     saes, selection = [], None
     if METHODS[method].needs_saes:
         saes = load_saes_for(loaded, sae)
-        selection = load_features(features_from) if features_from else find_features(loaded, saes, pack, strategy, k=k)
+        selection = load_features(features_from) if features_from else find_features(loaded, saes, pack, chosen)
         if selection.model not in (loaded.spec,) and selection.model_source != loaded.source:
             raise UserError(
                 f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}"
