@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -28,6 +29,17 @@ MODEL_HELP = (
 SAE_HELP = "shipped (the SAEs shipped for the embedded model), a SAELens directory, or RELEASE:SAE_ID; comma-separated"
 
 
+# Warnings a user of the CLI cannot act on: the libraries' deprecation notices among themselves and
+# transformers' generation-config remarks. Everything else (numerical warnings from torch and
+# SAELens, our own) stays visible.
+_LIBRARIES = r"(transformers|transformer_lens|sae_lens|peft|torch|accelerate|huggingface_hub|datasets)(\.|$)"
+NOISY_WARNINGS: list[tuple[type[Warning], str]] = [
+    (DeprecationWarning, _LIBRARIES),
+    (FutureWarning, _LIBRARIES),
+    (UserWarning, r"transformers\.generation(\.|$)"),
+]
+
+
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(
@@ -40,9 +52,9 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "sae_lens", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    if not verbose:
+        for category, module in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", category=category, module=module)
     try:
         import transformers
 

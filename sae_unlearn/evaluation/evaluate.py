@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
+from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.robustness import adversarial, relearning_attack
 from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
 from sae_unlearn.evaluation.text import fluency_metrics, perplexity
@@ -66,7 +67,8 @@ class EvalConfig:
 def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg: EvalConfig) -> list[Probe]:
     chosen = list(probes) if probes is not None else (pack.probe_split(cfg.probe_split) if pack else [])
     if not chosen:
-        raise ValueError("no probes")
+        where = f"pack {pack.name}'s {cfg.probe_split!r} split" if pack is not None and probes is None else "--probes"
+        raise UserError(f"no probes to evaluate in {where}", "pass --probe-split all, or a probe file with --probes")
     if cfg.max_probes_per_ring is not None:
         by_ring: dict[str, list[Probe]] = {}
         for p in chosen:
