@@ -72,7 +72,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="start in side-by-side mode")] = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """A terminal chat; toggle the run's unlearning with /toggle, compare base and unlearned with /side."""
     from sae_unlearn.models import load_model

@@ -2,7 +2,8 @@
 
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
-DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result},
+DIR/results.json       {"version", "concept", "model", "created", "goals", "experiment" (the settings that
+                        re-run it: compare --config results.json), "methods": {name: evaluate() result},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
                         time is each result's own "seconds")
 DIR/report.html        every metric side by side, plots, generations before/after
@@ -10,6 +11,7 @@ DIR/report.html        every metric side by side, plots, generations before/afte
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -73,7 +75,10 @@ def compare(
     cfg: CompareConfig,
     stage: Callable[[str], None] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    experiment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`experiment`: the settings that reproduce this run (evaluation/experiment.py), embedded in
+    results.json; by default the concept's name, the model spec and `cfg`."""
     cfg.validate()  # again: fields may have changed since construction
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,7 @@ def compare(
         "model": loaded.spec,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": GOALS,
+        "experiment": experiment or {"concept": pack.name, "model": loaded.spec, **dataclasses.asdict(cfg)},
         "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
         "methods": {},
     }

@@ -19,7 +19,8 @@ def run(*args: str):
 def _one_line_error(result, text: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    # progress lines (logged at INFO when output is not a terminal) may come before the error
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and " INFO " not in line]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
 
 
