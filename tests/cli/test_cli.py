@@ -86,6 +86,9 @@ def test_broken_pack_names_file_and_line(tmp_path: Path) -> None:
         (["unlearn", "--method", "crisp", "--set", "features.min_ratio=x", "--out", "X"], "must be a number"),
         (["unlearn", "--method", "crisp", "--set", "rmu.steps=3", "--out", "X"], "takes no rmu. options"),
         (["features", "--set", "k=five", "--out", "X"], "k must be an integer"),
+        (["demo", "--fast", "--set", "crisp.lr=abc", "--out", "X"], "lr must be a number"),
+        (["compare", "--set", "k=5", "--device", "tpu", "--out", "X"], "unknown device 'tpu'"),
+        (["export", "no-run", "--merged", "M", "--device", "tpu"], "run directory not found"),
         (["features", "--set", "features.k=0", "--model", "nonsense", "--out", "X"], "unknown model"),
     ],
 )
