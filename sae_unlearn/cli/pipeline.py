@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import MODEL_HELP, SAE_HELP, Reporter, check_device, console, friendly_errors, stdout, table
 from sae_unlearn.errors import UserError
+
+if TYPE_CHECKING:
+    from sae_unlearn.evaluation.experiment import Experiment
 
 ConceptOpt = Annotated[
     str, typer.Option("--concept", "-c", help="a built-in pack name (harry-potter) or a pack directory")
@@ -380,7 +383,7 @@ def experiment_overrides(
     return top
 
 
-def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any]) -> Any:
+def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any]) -> Experiment:
     """The experiment a compare/demo command line describes, checked before anything loads.
 
     When --methods is given without --attack, the file's attack list keeps only the methods that run.
@@ -397,17 +400,17 @@ def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any
     return load_experiment(config, fast=fast, overrides=overrides)
 
 
-def stage_estimates(experiment: Any, device: str, dtype: str) -> dict[str, float]:
+def stage_estimates(experiment: Experiment, device: str, dtype: str) -> dict[str, float]:
     """Expected seconds per stage name of `experiment.stage_plan()`, where known.
 
-    The hook for the timing estimate (models/timing): the plan and the plain progress lines show
-    these; an empty dict shows the plan without times.
+    The hook for the per-stage time estimate (issue 12's timing module): the plan and the plain
+    progress lines show these; an empty dict shows the plan without times.
     """
     return {}
 
 
 def _run_experiment(
-    out: Path, experiment: Any, *, title: str, overwrite: bool, dtype: str, device: str
+    out: Path, experiment: Experiment, *, title: str, overwrite: bool, dtype: str, device: str
 ) -> dict[str, Any]:
     from sae_unlearn.evaluation.experiment import run_experiment
 
