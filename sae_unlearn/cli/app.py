@@ -17,5 +17,8 @@ app = typer.Typer(
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 SaeOpt = Annotated[str, typer.Option("--sae", help=SAE_HELP)]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU supports it), float32 or bfloat16")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(help="auto (the dtype that fits the device: bf16 where the CPU/GPU supports it), float32 or bfloat16"),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda or cuda:N")]

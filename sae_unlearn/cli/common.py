@@ -6,6 +6,9 @@ import functools
 import logging
 import os
 import sys
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -28,21 +31,32 @@ MODEL_HELP = (
 SAE_HELP = "shipped (the SAEs shipped for the embedded model), a SAELens directory, or RELEASE:SAE_ID; comma-separated"
 
 
+# Warnings a user of the CLI cannot act on: the libraries' deprecation notices among themselves and
+# transformers' generation-config remarks. Everything else (numerical warnings from torch and
+# SAELens, our own) stays visible.
+_LIBRARIES = r"(transformers|transformer_lens|sae_lens|peft|torch|accelerate|huggingface_hub|datasets)(\.|$)"
+NOISY_WARNINGS: list[tuple[type[Warning], str]] = [
+    (DeprecationWarning, _LIBRARIES),
+    (FutureWarning, _LIBRARIES),
+    (UserWarning, r"transformers\.generation(\.|$)"),
+]
+
+
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:  # a file, a pipe, CI: whole lines with a date, never wrapped at 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "sae_lens", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    if not verbose:
+        for category, module in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", category=category, module=module)
     try:
         import transformers
 
@@ -77,6 +91,14 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_device(device: str) -> str:
+    """Fail on a bad --device (or cuda without a GPU) before anything slow runs."""
+    from sae_unlearn.models.loading import resolve_device
+
+    resolve_device(device)
+    return device
+
+
 def parse_layers(text: str) -> list[int]:
     try:
         layers = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -96,21 +118,178 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
+def _clock(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines within a stage (SAE_UNLEARN_PROGRESS_SECONDS, default 30)."""
+    try:
+        return max(0.05, float(os.environ.get("SAE_UNLEARN_PROGRESS_SECONDS", "30")))
+    except ValueError:
+        return 30.0
+
+
+class Reporter:
+    """Progress of a long command, as rich bars in a terminal and as plain log lines elsewhere.
+
+    Without a terminal (a file, a pipe, CI, a cluster job) it logs one line when a stage starts and
+    one at least every `interval` seconds within it, from a heartbeat thread, so stages that report
+    no counts still show they are alive: stage i/n, done/total, elapsed, ETA, and the running total.
+    `plan` (the stage names expected, in order) numbers the stages; `estimates` (seconds per stage
+    name, where known) adds the expected time to the plan and to each stage line.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        plan: list[str] | None = None,
+        *,
+        estimates: dict[str, float] | None = None,
+        plain: bool | None = None,
+        interval: float | None = None,
+    ) -> None:
+        self.title, self.plan, self.estimates = title, list(plan or []), dict(estimates or {})
+        self.plain = not console.is_terminal if plain is None else plain
+        self.interval = progress_interval() if interval is None else interval
+        self._log = logging.getLogger("sae_unlearn.progress")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bars: Progress | None = None
+        self._task: Any = None
+        self._started = self._stage_started = self._last_line = time.monotonic()
+        self._stage, self._detail, self._info = "", "", ""
+        self._done: int | None = None
+        self._total: int | None = None
+        self._count_started = self._started
+        self._index = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> Reporter:
+        self._started = self._last_line = time.monotonic()
+        if self.plain:
+            self._thread = threading.Thread(target=self._heartbeat, name="progress", daemon=True)
+            self._thread.start()
+        else:
+            self._bars = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self._bars.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._bars is not None:
+            self._bars.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.plain:
+            self._log.info("%s: done in %s", self.title, _clock(time.monotonic() - self._started))
+
+    def print_plan(self) -> None:
+        """The stage list (with expected minutes where the estimates know them) before anything runs."""
+        if not self.plan:
+            return
+        lines = []
+        for i, name in enumerate(self.plan, 1):
+            estimate = self.estimates.get(name)
+            lines.append(f"  {i:>2}. {name}" + (f"  (~{_clock(estimate)})" if estimate else ""))
+        known = [self.estimates[n] for n in self.plan if n in self.estimates]
+        total = f", ~{_clock(sum(known))} expected" if len(known) == len(self.plan) else ""
+        console.print(f"[bold]{self.title}[/]: {len(self.plan)} stages{total}", highlight=False)
+        console.print("\n".join(lines), highlight=False, markup=False)
+
+    # -- what the command and the library callbacks call -------------------------------------------------
+    def stage(self, name: str) -> None:
+        """Start stage `name` (the previous one ends)."""
+        with self._lock:
+            now = time.monotonic()
+            self._stage, self._detail, self._info = name, "", ""
+            self._done = self._total = None
+            self._stage_started = self._count_started = now
+            self._index = self.plan.index(name) + 1 if name in self.plan else self._index + 1
+            if self._bars is not None:
+                if self._task is not None:
+                    self._bars.update(self._task, visible=False)
+                self._task = self._bars.add_task(self._label(), total=None, info="")
+            else:
+                self._emit(started=True)
+
+    def message(self, text: str) -> None:
+        """A library stage message: "evaluate base: probes" is stage "evaluate base", detail "probes"."""
+        top, _, detail = text.partition(": ")
+        if top != self._stage:
+            self.stage(top)
+        with self._lock:
+            self._detail = detail
+            if self._bars is not None and self._task is not None:
+                self._bars.update(self._task, description=self._label())
+            elif detail:
+                self._emit()
+
+    def update(self, done: int, total: int | None = None, info: str = "") -> None:
+        """Counts within the current stage; plain lines at most every `interval` seconds (and at the end)."""
+        with self._lock:
+            if self._done is None or (self._done > done):
+                self._count_started = time.monotonic()
+            self._done, self._info = done, info
+            self._total = total if total is not None else self._total
+            if self._bars is not None:
+                if self._task is None:
+                    self._task = self._bars.add_task(self._label(), total=None, info="")
+                self._bars.update(self._task, completed=done, total=self._total, info=info)
+            elif time.monotonic() - self._last_line >= self.interval or (self._total and done >= self._total):
+                self._emit()
+
+    # -- plain lines ---------------------------------------------------------------------------------------
+    def _label(self) -> str:
+        number = f"[{self._index}/{len(self.plan)}] " if self.plan and self._index <= len(self.plan) else ""
+        return f"{number}{self._stage or self.title}" + (f": {self._detail}" if self._detail else "")
+
+    def _emit(self, started: bool = False) -> None:
+        now = time.monotonic()
+        parts = [self._label()]
+        if started:
+            parts.append("started")
+            estimate = self.estimates.get(self._stage)
+            if estimate:
+                parts.append(f"expected ~{_clock(estimate)}")
+        else:
+            if self._done is not None:
+                counts = f"{self._done}/{self._total}" if self._total else str(self._done)
+                parts.append(counts + (f" ({self._info})" if self._info else ""))
+            parts.append(f"elapsed {_clock(now - self._stage_started)}")
+            if self._done and self._total and self._done < self._total:
+                rate = (now - self._count_started) / self._done
+                parts.append(f"ETA {_clock(rate * (self._total - self._done))}")
+        parts.append(f"total {_clock(now - self._started)}")
+        self._log.info(" · ".join(parts))
+        self._last_line = now
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval / 4)):
+            with self._lock:
+                if self._stage and time.monotonic() - self._last_line >= self.interval:
+                    self._emit()
+
+
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
-    """Yield update(completed, total=None, **fields) for a rich progress bar on stderr."""
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, disable=not sys.stderr.isatty() and os.environ.get("CI") == "true") as p:
-        task = p.add_task(description, total=total, info="")
+    """Yield update(completed, total=None, info="") for one stage (a Reporter with a single stage)."""
+    with Reporter(description) as reporter:
+        reporter.stage(description)
+        if total:
+            reporter.update(0, total)
 
         def update(completed: int, total: int | None = None, info: str = "") -> None:
-            p.update(task, completed=completed, total=total if total is not None else p.tasks[0].total, info=info)
+            reporter.update(completed, total, info)
 
         yield update

@@ -10,7 +10,7 @@ import typer
 
 from sae_unlearn.cli import attack, chat, pipeline  # noqa: F401  (register their commands)
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
-from sae_unlearn.cli.common import friendly_errors, parse_layers, progress_bar, setup_logging, stdout, table
+from sae_unlearn.cli.common import Reporter, check_device, friendly_errors, parse_layers, setup_logging, stdout, table
 from sae_unlearn.errors import UserError
 
 __all__ = ["app"]
@@ -24,7 +24,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 @app.command()
 @friendly_errors
 def doctor(
-    model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOpt = "auto", device: DeviceOpt = "cpu"
+    model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOpt = "auto", device: DeviceOpt = "auto"
 ) -> None:
     """Load the model, run one forward pass, load its SAEs and print what was found."""
     import torch
@@ -106,7 +106,7 @@ def train_sae(
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace SAEs already in --out")] = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train TopK SAEs on several layers at once (streaming; one model pass per batch)."""
     from sae_unlearn.concepts.corpus import read_corpus
@@ -114,6 +114,7 @@ def train_sae(
     from sae_unlearn.saes import SAETrainingConfig, train_saes
 
     layer_list = parse_layers(layers)
+    check_device(device)
     if out.exists() and any(out.glob("blocks.*")) and not (resume or overwrite):
         raise UserError(
             f"{out} already holds trained SAEs", "pass --resume to continue, --overwrite to replace, or another --out"
@@ -137,12 +138,14 @@ def train_sae(
         encoder_matmul_dtype=encoder_matmul_dtype,
         seed=seed,
     )
-    loaded = load_model(model, dtype=dtype, device=device)
-    with progress_bar("train-sae", total=1) as update:
+    with Reporter("train-sae", ["load model", "train SAEs"]) as reporter:
+        reporter.stage("load model")
+        loaded = load_model(model, dtype=dtype, device=device)
+        reporter.stage("train SAEs")
 
         def progress(done: int, total: int, metrics: dict[str, float]) -> None:
             fves = [v for key, v in metrics.items() if key.endswith(".fve")]
-            update(done, total, info=f"fve {min(fves):.3f}..{max(fves):.3f}" if fves else "")
+            reporter.update(done, total, info=f"fve {min(fves):.3f}..{max(fves):.3f}" if fves else "")
 
         quality = train_saes(loaded, cfg, texts, out, heldout=held, resume=resume, progress=progress)
     stdout.print(

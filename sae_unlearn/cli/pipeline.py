@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
-from sae_unlearn.cli.common import console, friendly_errors, progress_bar, stdout, table
+from sae_unlearn.cli.common import MODEL_HELP, SAE_HELP, Reporter, check_device, console, friendly_errors, stdout, table
 from sae_unlearn.errors import UserError
+
+if TYPE_CHECKING:
+    from sae_unlearn.evaluation.experiment import Experiment
 
 ConceptOpt = Annotated[
     str, typer.Option("--concept", "-c", help="a built-in pack name (harry-potter) or a pack directory")
@@ -38,6 +42,26 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         out[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return out
+
+
+def split_options(pairs: list[str] | None, own: str, allowed_prefixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """--set pairs grouped by prefix: `own` for bare keys, else the part before the first dot.
+
+    `allowed_prefixes` are the groups this command takes; any other prefix is a one-line error.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in parse_options(pairs).items():
+        group, name = key.split(".", 1) if "." in key else (own, key)
+        if group not in allowed_prefixes:
+            raise UserError(
+                f"--set {key}=...: this command takes no {group}. options",
+                "use "
+                + " or ".join(
+                    f"--set {p}.OPTION=VALUE" if p != own else "--set OPTION=VALUE" for p in allowed_prefixes
+                ),
+            )
+        groups.setdefault(group, {})[name] = value
+    return groups
 
 
 def _refuse_existing_file(out: Path, overwrite: bool) -> None:
@@ -68,7 +92,7 @@ def features(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute statistics even if cached")] = False,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Find the SAE features that carry a concept and write a report."""
     from sae_unlearn.concepts.pack import load_pack
@@ -77,16 +101,22 @@ def features(
     from sae_unlearn.saes import load_saes_for
 
     _check_out(out, overwrite)
+    # bare keys and features.KEY are both strategy parameters here; --set k=5 is --k 5
+    groups = split_options(set_, "features", ("features",))
+    chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
+    check_device(device)
     pack = load_pack(concept)
-    chosen = make_strategy(strategy, k=k, **parse_options(set_))
-    loaded = load_model(model, dtype=dtype, device=device)
-    saes = load_saes_for(loaded, sae)
-    for s in saes:
-        if k > s.d_sae:
-            raise UserError(
-                f"--k {k} is larger than the SAE width {s.d_sae} at layer {s.layer}", "choose a smaller --k"
-            )
-    with progress_bar("feature statistics", total=1) as update:
+    with Reporter("features", ["load model", "feature statistics"]) as reporter:
+        reporter.stage("load model")
+        loaded = load_model(model, dtype=dtype, device=device)
+        saes = load_saes_for(loaded, sae)
+        for s in saes:
+            if chosen.k > s.d_sae:
+                raise UserError(
+                    f"--k {chosen.k} is larger than the SAE width {s.d_sae} at layer {s.layer}",
+                    "choose a smaller --k",
+                )
+        reporter.stage("feature statistics")
         selection = find_features(
             loaded,
             saes,
@@ -94,7 +124,7 @@ def features(
             chosen,
             use_cache=not no_cache,
             batch_size=batch,
-            progress=lambda done, total: update(done, total),
+            progress=lambda done, total: reporter.update(done, total, info="paragraphs"),
         )
     selection.write(out)
     rows = [[f.layer, f.index, f.score, f.forget_rate, f.retain_rate, f.relative] for f in selection.features]
@@ -127,47 +157,65 @@ def unlearn(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     preset: Annotated[
         str | None, typer.Option(help="published settings: crisp-paper or clamp-paper (its SAEs, k and options)")
     ] = None,
 ) -> None:
     """Run an unlearning method and write a run directory."""
     from sae_unlearn.concepts.pack import load_pack
-    from sae_unlearn.features import find_features, load_features
+    from sae_unlearn.features import find_features, load_features, make_strategy
     from sae_unlearn.methods import METHODS, method_config
     from sae_unlearn.methods import unlearn as run_unlearn
     from sae_unlearn.models import load_model
+    from sae_unlearn.options import field_names
     from sae_unlearn.saes import load_saes_for
 
-    options = parse_options(set_)
+    groups = split_options(set_, method, (method, "features"))
+    options = groups.get(method, {})
     if refusal_feature is not None:
         options["refusal_feature"] = refusal_feature
     if scale is not None:
         options["scale"] = scale
-    method_config(method, options)  # unknown method / option that does not apply: fail before loading anything
+    if "k" in options and method in METHODS and "k" not in field_names(METHODS[method].Config):
+        raise UserError(
+            f"--set k=...: k is the number of features per layer, not an option of method {method}",
+            f"pass --k {options['k']} or --set features.k={options['k']}",
+        )
+    # unknown method, option that does not apply, value of the wrong type: fail before loading anything
+    method_config(method, options)
+    chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
     if not resume:
         _check_out(out, overwrite)
+    check_device(device)
     pack = load_pack(concept)
-    loaded = load_model(model, dtype=dtype, device=device)
-    if preset is not None:  # the preset's SAEs and k unless given; its options go to run_unlearn below
-        from sae_unlearn.methods.preset import load_preset, model_family
+    needs_saes = METHODS[method].needs_saes
+    plan = ["load model", *(["feature selection"] if needs_saes and not features_from else []), f"unlearn {method}"]
+    with Reporter("unlearn", plan) as reporter:
+        reporter.stage("load model")
+        loaded = load_model(model, dtype=dtype, device=device)
+        if preset is not None:  # the preset's SAEs and k unless given; its options go to run_unlearn below
+            from sae_unlearn.methods.preset import load_preset, model_family
 
-        chosen = load_preset(preset, model_family(loaded.model))
-        sae, k = (chosen.sae if sae == "shipped" else sae), (chosen.k if k == 10 else k)
-    saes, selection = [], None
-    if METHODS[method].needs_saes:
-        saes = load_saes_for(loaded, sae)
-        selection = load_features(features_from) if features_from else find_features(loaded, saes, pack, strategy, k=k)
-        if selection.model not in (loaded.spec,) and selection.model_source != loaded.source:
-            raise UserError(
-                f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}"
-            )
-    with progress_bar(f"unlearn ({method})", total=1) as update:
-
-        def progress(step: int, total: int, terms: dict[str, float]) -> None:
-            update(step, total, info=" ".join(f"{k}={v:.3g}" for k, v in terms.items()))
-
+            paper = load_preset(preset, model_family(loaded.model))
+            sae = paper.sae if sae == "shipped" else sae
+            if k == 10 and "k" not in groups.get("features", {}):
+                chosen = make_strategy(strategy, **{"k": paper.k, **groups.get("features", {})})
+        saes, selection = [], None
+        if needs_saes:
+            saes = load_saes_for(loaded, sae)
+            if features_from:
+                selection = load_features(features_from)
+            else:
+                reporter.stage("feature selection")
+                selection = find_features(
+                    loaded, saes, pack, chosen, progress=lambda done, total: reporter.update(done, total)
+                )
+            if selection.model not in (loaded.spec,) and selection.model_source != loaded.source:
+                raise UserError(
+                    f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}"
+                )
+        reporter.stage(f"unlearn {method}")
         run_unlearn(
             method,
             loaded,
@@ -178,12 +226,16 @@ def unlearn(
             sae_spec=sae,
             features=selection,
             resume=resume,
-            progress=progress,
+            progress=lambda step, total, terms: reporter.update(step, total, info=_terms(terms)),
             preset=preset,
         )
     stdout.print(
         f"run written to {out} (evaluate: sae-unlearn eval --run {out} --concept {concept} --out results.json)"
     )
+
+
+def _terms(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in terms.items())
 
 
 def _eval_config(
@@ -195,9 +247,13 @@ def _eval_config(
     lm_eval_include: str | None,
     lm_eval_limit: int | None,
 ) -> Any:
+    """EvalConfig for `eval`: the --fast sizes come from the built-in experiment `fast`, as for compare."""
     from sae_unlearn.evaluation.evaluate import EvalConfig
+    from sae_unlearn.evaluation.experiment import load_experiment
 
-    cfg = EvalConfig(
+    base = load_experiment("fast").compare.eval if fast else EvalConfig()
+    return dataclasses.replace(
+        base,
         letter=letter,
         adversarial=adversarial,
         relearn=relearn,
@@ -205,10 +261,6 @@ def _eval_config(
         lm_eval_include=lm_eval_include,
         lm_eval_limit=lm_eval_limit,
     )
-    if fast:  # the CI-sized demo: fewer probes and texts; attacks only on CRISP
-        cfg.max_probes_per_ring, cfg.relearn_steps, cfg.relearn_eval_at, cfg.max_ppl_texts = 25, 5, [0, 5], 8
-        cfg.fluency_tokens, cfg.robustness_for = 20, ["crisp"]
-    return cfg
 
 
 def _any_template(adv: dict[str, Any]) -> str:
@@ -276,11 +328,11 @@ def eval_(
     fast: Annotated[bool, typer.Option(help="fewer probes and steps")] = False,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate the base model, or the base model with a run applied."""
     from sae_unlearn.concepts.pack import load_pack, load_probes
-    from sae_unlearn.evaluation.evaluate import evaluate
+    from sae_unlearn.evaluation.evaluate import evaluate, select_probes
     from sae_unlearn.io import atomic_write_json
     from sae_unlearn.models import load_model
     from sae_unlearn.runs import read_config
@@ -294,90 +346,133 @@ def eval_(
         read_config(run)
     cfg = _eval_config(fast, letter, adversarial, relearn, lm_eval_tasks, lm_eval_include, lm_eval_limit)
     cfg.probe_split = probe_split
-    loaded = load_model(model, dtype=dtype, device=device)
-    with console.status("evaluating") as status:
-        result = evaluate(
-            loaded, pack, run, probes=given, cfg=cfg, progress=lambda m: status.update(f"evaluating: {m}")
-        )
+    select_probes(pack, given, cfg)  # no probes to score: say so before loading anything
+    check_device(device)
+    with Reporter("eval") as reporter:
+        reporter.stage("load model")
+        loaded = load_model(model, dtype=dtype, device=device)
+        result = evaluate(loaded, pack, run, probes=given, cfg=cfg, progress=reporter.stage)
     atomic_write_json(out, result)
     _print_summary({result["name"]: result})
     stdout.print(f"wrote {out}")
 
 
-def _run_compare(
-    out: Path,
+def experiment_overrides(
     *,
-    concept: str,
-    model: str,
-    sae: str,
-    methods: str,
-    k: int,
-    fast: bool,
-    overwrite: bool,
-    dtype: str,
-    device: str,
-    set_: list[str] | None,
-    letter: bool = True,
-    max_length: int = 256,
-    attack: str = "all",
-) -> None:
-    from sae_unlearn.concepts.pack import load_pack
-    from sae_unlearn.evaluation.compare import CompareConfig, compare
-    from sae_unlearn.models import load_model
+    concept: str | None = None,
+    model: str | None = None,
+    sae: str | None = None,
+    methods: str | None = None,
+    k: int | None = None,
+    strategy: str | None = None,
+    attack: str | None = None,
+    set_: list[str] | None = None,
+) -> dict[str, Any]:
+    """The experiment settings the command line gives: flags that were passed, then --set values.
+
+    --set takes METHOD.OPTION (method_options), features.OPTION (the strategy; features.k is k),
+    eval.OPTION (EvalConfig) and bare top-level settings (max_length=128, k=5).
+    """
+    top: dict[str, Any] = {}
+    for key, value in {"concept": concept, "model": model, "sae": sae, "k": k, "strategy": strategy}.items():
+        if value is not None:
+            top[key] = value
+    if methods is not None:
+        top["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    if attack is not None:
+        top.setdefault("eval", {})["robustness_for"] = (
+            None if attack == "all" else [m.strip() for m in attack.split(",") if m.strip()]
+        )
+    scalar = {"concept", "model", "sae", "k", "strategy", "max_length", "examples_from", "methods"}
+    for key, value in parse_options(set_).items():
+        group, _, name = key.partition(".")
+        if not name:
+            if key not in scalar:
+                raise UserError(
+                    f"--set {key}=... needs a method prefix or features.",
+                    "e.g. --set crisp.steps=100 or --set features.max_retain_rate=0.02",
+                )
+            top[key] = value
+        elif group == "features" and name in ("k", "strategy"):
+            top[name] = value
+        elif group == "features":
+            top.setdefault("strategy_options", {})[name] = value
+        elif group == "eval":
+            top.setdefault("eval", {})[name] = value
+        else:
+            top.setdefault("method_options", {}).setdefault(group, {})[name] = value
+    return top
+
+
+def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any]) -> Experiment:
+    """The experiment a compare/demo command line describes, checked before anything loads.
+
+    When --methods is given without --attack, the file's attack list keeps only the methods that run.
+    """
+    from sae_unlearn.evaluation.experiment import load_experiment
+    from sae_unlearn.methods import METHODS
+
+    if "methods" in overrides and "robustness_for" not in overrides.get("eval", {}):
+        every_method = {"methods": sorted(METHODS)}  # read the file's list without checking it against its methods
+        attacked = load_experiment(config, fast=fast, overrides=every_method).compare.eval.robustness_for
+        if attacked is not None:
+            keep = [m for m in attacked if m in ("base", *overrides["methods"])]
+            overrides = {**overrides, "eval": {**overrides.get("eval", {}), "robustness_for": keep}}
+    return load_experiment(config, fast=fast, overrides=overrides)
+
+
+def stage_estimates(experiment: Experiment, device: str, dtype: str) -> dict[str, float]:
+    """Expected seconds per stage name of `experiment.stage_plan()`, where known.
+
+    The hook for the per-stage time estimate (issue 12's timing module): the plan and the plain
+    progress lines show these; an empty dict shows the plan without times.
+    """
+    return {}
+
+
+def _run_experiment(
+    out: Path, experiment: Experiment, *, title: str, overwrite: bool, dtype: str, device: str
+) -> dict[str, Any]:
+    from sae_unlearn.evaluation.experiment import run_experiment
 
     _check_out(out, overwrite)
-    method_options: dict[str, dict[str, Any]] = {}
-    for key, value in parse_options(set_).items():
-        if "." not in key:
-            raise UserError(
-                f"--set {key}=... needs a method prefix or features.",
-                "e.g. --set crisp.steps=100 or --set features.max_retain_rate=0.02",
-            )
-        m, opt = key.split(".", 1)
-        method_options.setdefault(m, {})[opt] = value
-    strategy_options = method_options.pop("features", {})
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    # the published clamp value (-100) is for GemmaScope's activation scale; the shipped SAEs' latents
-    # peak at ~3-13, where -100 wipes out the residual stream (measured: every ring at chance); -5 above
-    # an activation of 2 was the least damaging setting tried on the tune split (README)
-    if sae == "shipped":
-        for key, value in {"value": -5.0, "threshold": 2.0}.items():
-            method_options.setdefault("clamp", {}).setdefault(key, value)
-    if fast:
-        for m, opts in {"crisp": {"steps": 40, "max_length": 64}, "rmu": {"steps": 20}}.items():
-            for key, value in opts.items():
-                method_options.setdefault(m, {}).setdefault(key, value)
-    cfg = CompareConfig(
-        max_length=max_length,
-        examples_from=64 if fast else None,
-        methods=names,
-        sae=sae,
-        k=k,
-        strategy_options=strategy_options,
-        method_options=method_options,
-        eval=_eval_config(fast, letter, True, True, None, None, None),
-    )
-    if not fast and attack != "all":
-        cfg.eval.robustness_for = [m.strip() for m in attack.split(",") if m.strip()]
-        cfg.validate()
-    pack = load_pack(concept)
-    loaded = load_model(model, dtype=dtype, device=device)
-    with console.status("compare") as status, progress_bar("training", total=1) as update:
-
-        def progress(step: int, total: int, terms: dict[str, float]) -> None:
-            update(step, total, info=" ".join(f"{k}={v:.3g}" for k, v in terms.items()))
-
-        results = compare(loaded, pack, out, cfg, stage=lambda m: status.update(m), progress=progress)
+    check_device(device)
+    reporter = Reporter(title, experiment.stage_plan(), estimates=stage_estimates(experiment, device, dtype))
+    reporter.print_plan()
+    with reporter:
+        results = run_experiment(
+            experiment,
+            out,
+            dtype=dtype,
+            device=device,
+            stage=reporter.message,
+            progress=lambda step, total, terms: reporter.update(step, total, info=_terms(terms)),
+        )
     _print_summary(results["methods"])
     stdout.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'} (open it in a browser)")
+    return results
 
 
-MethodsOpt = Annotated[str, typer.Option(help="comma-separated methods")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="METHOD.OPTION=VALUE, e.g. crisp.steps=100")]
+MethodsOpt = Annotated[
+    str | None, typer.Option(help="comma-separated methods (default: the experiment's; crisp,clamp,ablate,rmu)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="METHOD.OPTION=VALUE, features.OPTION=VALUE or eval.OPTION=VALUE, e.g. crisp.steps=100"),
+]
 AttackOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="models that get the adversarial and relearning attacks: all, or e.g. base,crisp (--fast: crisp)"
+        help="models that get the adversarial and relearning attacks: all, or e.g. base,crisp "
+        "(default: the experiment's; all, or crisp with --fast)"
+    ),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="an experiment file (.toml), a results.json to re-run, or a built-in (demo, demo-fast, fast); "
+        "flags and --set override it",
     ),
 ]
 
@@ -386,33 +481,28 @@ AttackOpt = Annotated[
 @friendly_errors
 def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="directory for results.json and report.html")],
-    concept: ConceptOpt = "harry-potter",
-    model: ModelOpt = "embedded",
-    sae: SaeOpt = "shipped",
-    methods: MethodsOpt = "crisp,clamp,ablate,rmu",
-    k: int = 10,
+    config: ConfigOpt = None,
+    concept: Annotated[
+        str | None, typer.Option("--concept", "-c", help="pack name or directory (default: harry-potter)")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    sae: Annotated[str | None, typer.Option("--sae", help=SAE_HELP)] = None,
+    methods: MethodsOpt = None,
+    k: Annotated[int | None, typer.Option(help="features per layer (default 10)")] = None,
+    strategy: Annotated[str | None, typer.Option(help="feature selection: crisp, inlp or saebench")] = None,
     set_: SetOpt = None,
-    fast: Annotated[bool, typer.Option(help="reduced steps and probes")] = False,
-    attack: AttackOpt = "all",
+    fast: Annotated[bool, typer.Option(help="reduced steps and probes (the settings of the built-in fast)")] = False,
+    attack: AttackOpt = None,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Run several methods on one concept pack and evaluate them beside the base model."""
-    _run_compare(
-        out,
-        concept=concept,
-        model=model,
-        sae=sae,
-        methods=methods,
-        k=k,
-        fast=fast,
-        overwrite=overwrite,
-        dtype=dtype,
-        device=device,
-        set_=set_,
-        attack=attack,
+    overrides = experiment_overrides(
+        concept=concept, model=model, sae=sae, methods=methods, k=k, strategy=strategy, attack=attack, set_=set_
     )
+    experiment = load_cli_experiment(config, fast, overrides)
+    _run_experiment(out, experiment, title="compare", overwrite=overwrite, dtype=dtype, device=device)
 
 
 @app.command()
@@ -420,35 +510,25 @@ def compare_cmd(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="directory for results.json and report.html")] = Path("demo-out"),
     fast: Annotated[bool, typer.Option(help="the reduced version CI runs")] = False,
-    methods: MethodsOpt = "crisp,clamp,ablate,rmu",
+    methods: MethodsOpt = None,
     set_: SetOpt = None,
-    # ablate is the same kind of hook edit as clamp; leaving its attacks out keeps the demo near 30 minutes
-    attack: AttackOpt = "base,crisp,clamp,rmu",
+    attack: AttackOpt = None,
     overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
-    """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs."""
+    """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs
+    (the built-in experiment demo, or demo-fast with --fast)."""
+    experiment = load_cli_experiment(
+        "demo-fast" if fast else "demo", False, experiment_overrides(methods=methods, attack=attack, set_=set_)
+    )
+    names = ",".join(experiment.compare.methods)
     minutes = "~7" if fast else "~31"
     console.print(
-        f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
+        f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {names}; "
         f"estimated {minutes} minutes on 2 CPU cores"
     )
-    # statistics over the first 128 tokens of each paragraph: the setting the defaults were tuned with
-    _run_compare(
-        out,
-        concept="harry-potter",
-        model="embedded",
-        sae="shipped",
-        methods=methods,
-        k=10,
-        fast=fast,
-        overwrite=overwrite,
-        dtype="auto",
-        device="cpu",
-        set_=set_,
-        letter=not fast,
-        max_length=128,
-        attack=attack,
-    )
+    _run_experiment(out, experiment, title="demo", overwrite=overwrite, dtype=dtype, device=device)
 
 
 @app.command()
@@ -458,6 +538,8 @@ def export(
     merged: Annotated[Path, typer.Option("--merged", help="directory for the merged HF model")],
     model: ModelOpt = "embedded",
     overwrite: OverwriteOpt = False,
+    dtype: Annotated[str | None, typer.Option(help="default: the dtype the run was trained in")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write a merged full model (HF safetensors) that loads with plain AutoModelForCausalLM."""
     from sae_unlearn.methods import export_merged
@@ -465,8 +547,14 @@ def export(
     from sae_unlearn.runs import read_config
 
     config = read_config(run)
-    loaded = load_model(model if model != "embedded" else config["model"], dtype=config.get("dtype"))
-    export_merged(loaded, run, merged, overwrite=overwrite)
+    check_device(device)
+    with Reporter("export", ["load model", "merge and write"]) as reporter:
+        reporter.stage("load model")
+        loaded = load_model(
+            model if model != "embedded" else config["model"], dtype=dtype or config.get("dtype"), device=device
+        )
+        reporter.stage("merge and write")
+        export_merged(loaded, run, merged, overwrite=overwrite)
     stdout.print(f"merged model written to {merged}")
 
 
@@ -508,7 +596,7 @@ def concept_generate(
     seed: int = 0,
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Grow a forget corpus from the model's own continuations of concept prompts (de-duplicated, filtered)."""
     from sae_unlearn.concepts.generate import generate_corpus
@@ -521,10 +609,13 @@ def concept_generate(
     lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{prompts} has no prompts", "one prompt per line")
-    loaded = load_model(model, dtype=dtype, device=device)
-    with progress_bar("generate", total=n) as update:
+    check_device(device)
+    with Reporter("concept generate", ["load model", "generate"]) as reporter:
+        reporter.stage("load model")
+        loaded = load_model(model, dtype=dtype, device=device)
+        reporter.stage("generate")
         paragraphs = generate_corpus(
-            loaded, lines, n, max_new_tokens=max_new_tokens, seed=seed, progress=lambda done: update(done)
+            loaded, lines, n, max_new_tokens=max_new_tokens, seed=seed, progress=lambda done: reporter.update(done, n)
         )
     atomic_write_text(out, "\n\n".join(paragraphs) + "\n")
     stdout.print(f"wrote {len(paragraphs)} paragraphs to {out}")

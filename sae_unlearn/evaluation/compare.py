@@ -3,7 +3,8 @@
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
 DIR/results.json       {"version", "concept", "model", "created", "goals", "verdicts": {method: {goal: ...}},
-                        "record": {"config": CompareConfig, "versions"},
+                        "record": {"config": CompareConfig, "versions"}, "experiment" (the settings that
+                        re-run it: compare --config results.json),
                         "methods": {name: evaluate() result + "paired" (differences against base)},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
                         time is each result's own "seconds"; paired CIs and verdicts: goals.py)
@@ -68,7 +69,10 @@ def compare(
     cfg: CompareConfig,
     stage: Callable[[str], None] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    experiment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`experiment`: the settings that reproduce this run (evaluation/experiment.py), embedded in
+    results.json; by default the concept's name, the model spec and `cfg`."""
     cfg.validate()  # again: fields may have changed since construction
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,7 @@ def compare(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": dict(GOALS),
         "record": {"config": dataclasses.asdict(cfg), "versions": versions()},
+        "experiment": experiment or {"concept": pack.name, "model": loaded.spec, **dataclasses.asdict(cfg)},
         "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
         "methods": {},
     }

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
+from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.adversarial import adversarial
 from sae_unlearn.evaluation.record import build_record
 from sae_unlearn.evaluation.relearning import RelearnConfig, grid, relearning_evaluation
@@ -78,7 +79,8 @@ class EvalConfig:
 def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg: EvalConfig) -> list[Probe]:
     chosen = list(probes) if probes is not None else (pack.probe_split(cfg.probe_split) if pack else [])
     if not chosen:
-        raise ValueError("no probes")
+        where = f"pack {pack.name}'s {cfg.probe_split!r} split" if pack is not None and probes is None else "--probes"
+        raise UserError(f"no probes to evaluate in {where}", "pass --probe-split all, or a probe file with --probes")
     if cfg.max_probes_per_ring is not None:
         by_ring: dict[str, list[Probe]] = {}
         for p in chosen:

@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.features.contexts import FeatureExamples, collect_examples
 from sae_unlearn.features.selection import STRATEGIES, SelectedFeature, Strategy, make_strategy
 from sae_unlearn.features.statistics import LayerStats, compute_stats, stats_key
-from sae_unlearn.io import atomic_write_json, atomic_write_text
+from sae_unlearn.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.loading import LoadedSAE
 
@@ -74,27 +72,19 @@ class FeatureSelection:
         }
 
     def write(self, out: Path) -> None:
+        """stats.safetensors and report.html first, features.json (what readers look for) last; each atomic."""
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "features.json", self.to_json())
         if self.stats:
             tensors = {}
             for s in self.stats.values():
                 tensors.update(s.tensors())
-            tmp = out / ".stats.safetensors.tmp"
-            save_file(
-                tensors,
-                str(tmp),
-                metadata={
-                    "tokens": json.dumps(
-                        {str(s.layer): [s.forget_tokens, s.retain_tokens] for s in self.stats.values()}
-                    )
-                },
-            )
-            tmp.replace(out / "stats.safetensors")
+            tokens = {str(s.layer): [s.forget_tokens, s.retain_tokens] for s in self.stats.values()}
+            atomic_save_safetensors(out / "stats.safetensors", tensors, metadata={"tokens": json.dumps(tokens)})
         if self.examples:
             from sae_unlearn.features.report import render_report
 
             atomic_write_text(out / "report.html", render_report(self))
+        atomic_write_json(out / "features.json", self.to_json())
 
 
 def load_features(path: str | Path) -> FeatureSelection:

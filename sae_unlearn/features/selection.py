@@ -18,6 +18,7 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.features.statistics import LayerStats
+from sae_unlearn.options import coerce_options
 
 
 @dataclass
@@ -169,4 +170,4 @@ def make_strategy(name: str, **params: Any) -> Strategy:
         raise UserError(
             f"strategy {name} has no parameter {sorted(unknown)[0]!r}", f"its parameters: {', '.join(sorted(valid))}"
         )
-    return cls(**params)
+    return cls(**coerce_options(cls, params, owner=f"strategy {name}"))

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.io import atomic_write_text, cache_dir, hash_json, sha256_file
+from sae_unlearn.io import atomic_save_safetensors, cache_dir, hash_json, sha256_file
 from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.edit import encode_columns
@@ -218,20 +219,19 @@ def compute_stats(
 
 
 def save_stats(path: Path, stats: dict[int, LayerStats]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One file, written atomically: the token counts travel in the safetensors header, so no crash
+    can leave tensors without their counts (or counts of another run)."""
     tensors: dict[str, torch.Tensor] = {}
     for s in stats.values():
         tensors.update(s.tensors())
     meta = {str(s.layer): {"forget_tokens": s.forget_tokens, "retain_tokens": s.retain_tokens} for s in stats.values()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
-    tmp.replace(path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta))
+    atomic_save_safetensors(path, tensors, metadata={"layers": json.dumps(meta)})
 
 
 def load_stats(path: Path) -> dict[int, LayerStats]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["layers"])
     tensors = load_file(str(path))
-    meta = json.loads(path.with_suffix(".json").read_text())
     out = {}
     for layer_str, tokens in meta.items():
         layer = int(layer_str)

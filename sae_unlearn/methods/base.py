@@ -13,6 +13,7 @@ from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.features import FeatureSelection
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.options import coerce_options
 from sae_unlearn.saes.loading import LoadedSAE
 
 
@@ -51,7 +52,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def method_config(name: str, options: dict[str, Any]) -> Any:
-    """Build a method's config from options, refusing options that do not apply to the method."""
+    """Build a method's config from options, refusing options that do not apply to the method and values
+    of the wrong type (checked against the config's field types, before anything loads)."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", f"use one of {', '.join(sorted(METHODS))}")
     config_cls = METHODS[name].Config
@@ -61,4 +63,4 @@ def method_config(name: str, options: dict[str, Any]) -> Any:
             others = [m for m, c in METHODS.items() if key in {f.name for f in fields(c.Config)}]
             hint = f"it belongs to {', '.join(others)}" if others else f"options of {name}: {', '.join(sorted(valid))}"
             raise UserError(f"option --{key.replace('_', '-')} does not apply to method {name}", hint)
-    return config_cls(**options)
+    return config_cls(**coerce_options(config_cls, options, owner=f"method {name}"))

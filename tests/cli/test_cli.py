@@ -19,7 +19,8 @@ def run(*args: str):
 def _one_line_error(result, text: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    # progress lines (logged at INFO when output is not a terminal) may come before the error
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and " INFO " not in line]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.output
 
 
@@ -75,3 +76,24 @@ def test_broken_pack_names_file_and_line(tmp_path: Path) -> None:
         f.write('{"id": "x", "prompt": "q?", "answer": "A", "distractors": ["A", "B", "C"], "ring": "far"}\n')
     result = run("concept", "validate", str(root))
     _one_line_error(result, "probes.jsonl:6: field 'distractors' contains the answer")
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["unlearn", "--method", "crisp", "--set", "lr=abc", "--out", "X"], "lr must be a number"),
+        (["unlearn", "--method", "crisp", "--set", "k=5", "--out", "X"], "pass --k 5 or --set features.k=5"),
+        (["unlearn", "--method", "crisp", "--set", "features.min_ratio=x", "--out", "X"], "must be a number"),
+        (["unlearn", "--method", "crisp", "--set", "rmu.steps=3", "--out", "X"], "takes no rmu. options"),
+        (["features", "--set", "k=five", "--out", "X"], "k must be an integer"),
+        (["demo", "--fast", "--set", "crisp.lr=abc", "--out", "X"], "lr must be a number"),
+        (["compare", "--set", "k=5", "--device", "tpu", "--out", "X"], "unknown device 'tpu'"),
+        (["export", "no-run", "--merged", "M", "--device", "tpu"], "run directory not found"),
+        (["features", "--set", "features.k=0", "--model", "nonsense", "--out", "X"], "unknown model"),
+    ],
+)
+def test_set_values_are_checked_before_loading(
+    args: list[str], text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(run(*args), text)

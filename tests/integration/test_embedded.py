@@ -104,3 +104,8 @@ def test_demo_fast_end_to_end(cache_env, tmp_path: Path) -> None:
     acc = {name: r["probes"]["rings"]["target"]["logprob"]["acc"] for name, r in results["methods"].items()}
     assert set(acc) == {"base", "crisp", "clamp", "ablate", "rmu"}
     assert acc["crisp"] < acc["base"]
+    # output to a pipe: the stage plan and plain stage lines, and results.json holds the experiment that re-runs it
+    assert "demo: 11 stages" in res.stderr and "[4/11] unlearn crisp · started" in res.stderr
+    from sae_unlearn.evaluation.experiment import load_experiment
+
+    assert results["experiment"] == load_experiment("demo-fast").to_dict()
