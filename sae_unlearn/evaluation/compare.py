@@ -2,7 +2,8 @@
 
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
-DIR/results.json       {"version", "concept", "model", "created", "goals", "methods": {name: evaluate() result},
+DIR/results.json       {"version", "concept", "model", "compute_dtype": {"dtype", "reason"}, "created", "goals",
+                        "methods": {name: evaluate() result},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
                         time is each result's own "seconds")
 DIR/report.html        every metric side by side, plots, generations before/after
@@ -93,6 +94,7 @@ def compare(
         "version": 1,
         "concept": pack.name,
         "model": loaded.spec,
+        "compute_dtype": loaded.compute_dtype.to_dict(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": GOALS,
         "seconds": {"feature_selection": round(time.perf_counter() - started, 1)},
