@@ -301,6 +301,7 @@ def _run_compare(
     letter: bool = True,
     max_length: int = 256,
     attack: str = "all",
+    print_estimate: bool = False,
 ) -> None:
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.evaluation.compare import CompareConfig, compare
@@ -343,6 +344,8 @@ def _run_compare(
         cfg.validate()
     pack = load_pack(concept)
     loaded = load_model(model, dtype=dtype, device=device)
+    if print_estimate:
+        _print_estimate(loaded, pack, cfg, out)
     with console.status("compare") as status, progress_bar("training", total=1) as update:
 
         def progress(step: int, total: int, terms: dict[str, float]) -> None:
@@ -351,6 +354,29 @@ def _run_compare(
         results = compare(loaded, pack, out, cfg, stage=lambda m: status.update(m), progress=progress)
     _print_summary(results["methods"])
     stdout.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'} (open it in a browser)")
+
+
+def _print_estimate(loaded: Any, pack: Any, cfg: Any, out: Path) -> None:
+    """Measured per-stage time estimate (evaluation/estimate.py), printed and kept in OUT/estimate.json."""
+    import torch
+
+    from sae_unlearn.evaluation.estimate import estimate_compare, estimate_to_dict
+    from sae_unlearn.io import atomic_write_json
+
+    with console.status("measuring throughput for the time estimate"):
+        stages, rates = estimate_compare(loaded, pack, cfg)
+    total = sum(s.seconds for s in stages)
+    compute = loaded.compute_dtype
+    console.print(
+        table(
+            f"estimated time: {total / 60:.1f} minutes ({compute.name}: {compute.reason}; "
+            f"{torch.get_num_threads()} threads)",
+            ["stage", "seconds"],
+            [[s.stage, round(s.seconds)] for s in stages],
+        )
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "estimate.json", {"compute_dtype": compute.to_dict(), **estimate_to_dict(stages, rates)})
 
 
 MethodsOpt = Annotated[str, typer.Option(help="comma-separated methods")]
@@ -408,10 +434,9 @@ def demo(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs."""
-    minutes = "~7" if fast else "~31"
     console.print(
         f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {methods}; "
-        f"estimated {minutes} minutes on 2 CPU cores"
+        "measuring this machine's throughput for a time estimate"
     )
     # statistics over the first 128 tokens of each paragraph: the setting the defaults were tuned with
     _run_compare(
@@ -429,6 +454,7 @@ def demo(
         letter=not fast,
         max_length=128,
         attack=attack,
+        print_estimate=True,
     )
 
 

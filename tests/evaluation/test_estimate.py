@@ -1,0 +1,112 @@
+"""The measured time estimate: the work model follows the settings, the arithmetic divides by the rates."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_unlearn.concepts.pack import load_pack
+from sae_unlearn.evaluation.compare import CompareConfig
+from sae_unlearn.evaluation.estimate import Throughput, Work, estimate, probe_throughput, stage_plan
+from sae_unlearn.evaluation.evaluate import EvalConfig
+from sae_unlearn.saes.loading import LoadedSAE
+from tests.conftest import tiny_sae
+
+RATES = Throughput(
+    forward_tokens=1000.0,
+    lm_head_rows=200.0,
+    sae_tokens=4000.0,
+    train_tokens=250.0,
+    lm_train_tokens=100.0,
+    generated_tokens=20.0,
+)
+
+
+def _saes() -> list[LoadedSAE]:
+    return [LoadedSAE(tiny_sae(layer), layer, "tiny") for layer in (1, 2)]
+
+
+def _cfg(**kw) -> CompareConfig:
+    options = {"crisp": {"steps": 10, "fluency_every": 0}, "rmu": {"steps": 10}}
+    return CompareConfig(
+        methods=["crisp", "clamp", "rmu"],
+        max_length=kw.pop("max_length", 64),
+        method_options=kw.pop("method_options", options),
+        eval=kw.pop("eval", EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4])),
+        **kw,
+    )
+
+
+def test_work_seconds_is_work_over_rates() -> None:
+    work = Work(forward_tokens=5000, lm_head_rows=100, sae_tokens=8000, generated_tokens=40)
+    assert work.seconds(RATES) == pytest.approx(5 + 0.5 + 2 + 2)
+    assert (work * 2).seconds(RATES) == pytest.approx(2 * work.seconds(RATES))
+    assert (work + Work(train_tokens=500)).seconds(RATES) == pytest.approx(work.seconds(RATES) + 2)
+    plan = [("a", work), ("b", Work(lm_train_tokens=300))]
+    stages = estimate(plan, RATES)
+    assert [(s.stage, s.seconds) for s in stages] == [("a", pytest.approx(9.5)), ("b", pytest.approx(3.0))]
+
+
+def test_plan_follows_the_compare_stages_and_settings(loaded, pack_dir: Path) -> None:
+    pack, saes = load_pack(pack_dir), _saes()
+    plan = dict(stage_plan(loaded, saes, pack, _cfg()))
+    assert list(plan) == [
+        "feature_selection",
+        "evaluate_base",
+        "unlearn_crisp",
+        "evaluate_crisp",
+        "unlearn_clamp",
+        "evaluate_clamp",
+        "unlearn_rmu",
+        "evaluate_rmu",
+    ]
+    assert plan["feature_selection"].sae_tokens > 0 and plan["feature_selection"].train_tokens == 0
+    assert plan["unlearn_clamp"] == Work()  # clamp only writes intervention.json
+    assert plan["evaluate_base"].sae_tokens == 0 and plan["evaluate_clamp"].sae_tokens > 0  # hooks + re-activation
+    assert plan["evaluate_base"].lm_train_tokens > 0  # the relearning attack, for every model by default
+    # twice the CRISP steps: twice the training work (the frozen states are computed in the first epoch only)
+    doubled = dict(
+        stage_plan(
+            loaded, saes, pack, _cfg(method_options={"crisp": {"steps": 20, "fluency_every": 0}, "rmu": {"steps": 10}})
+        )
+    )
+    assert doubled["unlearn_crisp"].train_tokens == pytest.approx(2 * plan["unlearn_crisp"].train_tokens)
+    assert doubled["unlearn_rmu"] == plan["unlearn_rmu"]
+    # longer statistics paragraphs never lower the statistics work
+    longer = dict(stage_plan(loaded, saes, pack, _cfg(max_length=8)))
+    assert longer["feature_selection"].sae_tokens < plan["feature_selection"].sae_tokens
+
+
+def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
+    pack = load_pack(pack_dir)
+    ev = EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4], robustness_for=["crisp"])
+    plan = dict(stage_plan(loaded, _saes(), pack, _cfg(eval=ev)))
+    assert plan["evaluate_crisp"].lm_train_tokens > 0
+    assert plan["evaluate_base"].lm_train_tokens == 0 and plan["evaluate_rmu"].lm_train_tokens == 0
+    with_letter = dict(
+        stage_plan(
+            loaded,
+            _saes(),
+            pack,
+            _cfg(eval=EvalConfig(probe_split="all", letter=True, relearn_steps=4, relearn_eval_at=[0, 4])),
+        )
+    )
+    assert (
+        with_letter["evaluate_base"].forward_tokens
+        > dict(stage_plan(loaded, _saes(), pack, _cfg()))["evaluate_base"].forward_tokens
+    )
+
+
+def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> None:
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    rates = probe_throughput(loaded, _saes(), budget_s=0.01)
+    for name in ("forward_tokens", "lm_head_rows", "sae_tokens", "train_tokens", "lm_train_tokens", "generated_tokens"):
+        value = getattr(rates, name)
+        assert value > 0 and math.isfinite(value), name
+    assert rates.dtype == "float32" and rates.device == "cpu"
+    after = loaded.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
