@@ -36,7 +36,7 @@ from sae_unlearn.saes.loading import LoadedSAE
 if TYPE_CHECKING:
     from sae_unlearn.evaluation.compare import CompareConfig
 
-PROBE_BATCH, PROBE_LENGTH = 4, 128  # the shape of the statistics / training batches the stages run
+PROBE_BATCH, PROBE_LENGTH = 2, 128  # the stages' sequence length; a small batch keeps the probe to seconds
 PPL_MAX_LENGTH = 256  # evaluation.text.perplexity and feature_levels read this many tokens per text
 LETTER_PERMUTATIONS = 4  # evaluation.scoring.letter_choices: cyclic rotations of the options
 RELEARN_BATCH, RELEARN_MAX_LENGTH = 4, 128  # evaluation.robustness.relearning_attack defaults
@@ -133,7 +133,7 @@ def probe_throughput(loaded: LoadedModel, saes: Sequence[LoadedSAE], budget_s: f
             if saes
             else math.inf
         )
-        prompts = [loaded.tokenizer.decode(row[:16], skip_special_tokens=True) for row in ids.tolist()] * 2
+        prompts = [loaded.tokenizer.decode(row[:16], skip_special_tokens=True) for row in ids.tolist()] * 4
         new_tokens = 16
         generation_rate = _rate(
             lambda: generate(loaded.model, loaded.tokenizer, prompts, new_tokens, stop_at_eos=False),
