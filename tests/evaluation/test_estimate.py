@@ -110,3 +110,18 @@ def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> Non
     after = loaded.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from sae_unlearn.cli.pipeline import _print_estimate
+
+    out = tmp_path / "out"
+    _print_estimate(loaded, load_pack(pack_dir), _cfg(sae=str(sae_dir)), out)
+    saved = json.loads((out / "estimate.json").read_text())
+    assert list(saved["stages"])[:3] == ["feature_selection", "evaluate_base", "unlearn_crisp"]
+    assert saved["total_seconds"] == pytest.approx(sum(saved["stages"].values()), abs=0.5)
+    assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
+    assert saved["compute_dtype"]["dtype"] == "float32"
+    assert saved["throughput_per_second"]["forward_tokens"] > 0
