@@ -11,7 +11,12 @@ Prints, with the targets from the issues:
 - SAE training step for all layers at once vs the forward pass alone, per token (<= 1.5x cost), and the
   grouped top-k it uses vs torch.topk;
 - CRISP training step vs a plain LoRA language-modelling step on the same tokens (<= 2.0x cost);
-- greedy generation with a clamp intervention installed vs the bare model (>= 0.85x tokens/s).
+- greedy generation with a clamp intervention installed vs the bare model (>= 0.85x tokens/s);
+- feature statistics vs the bare truncated forward in float32 and in bfloat16 (model and SAEs both in
+  that dtype, as a run with --dtype gets them), and bfloat16 statistics' time over float32's: on a CPU
+  without bfloat16 instructions the bfloat16 row shows why `auto` computes in float32 there (issue 12).
+
+    python benchmarks/bench_pipeline.py --rows dtype     # only the dtype rows
 """
 
 from __future__ import annotations
@@ -75,13 +80,66 @@ def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
         blocks.extend(saved[deepest + 1 :])
 
 
+def statistics_vs_bare(loaded: Any, saes: list[Any], ids: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
+    """(statistics seconds, bare truncated forward seconds, median ratio) for one batch, in the model's dtype."""
+    deepest = max(s.layer for s in saes)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    acc: dict[int, dict[str, Any]] = {
+        s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes
+    }
+
+    def stats_pass() -> None:  # what compute_stats does per batch
+        for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
+            acc[layer]["forget_tokens"] = 0
+            _accumulate(acc[layer], "forget", latents)
+
+    with torch.no_grad():
+        return paired(stats_pass, lambda: bare_truncated(loaded.model, ids, deepest), repeats)
+
+
+def dtype_rows(model: str, sae: str, ids: torch.Tensor, repeats: int) -> list[tuple[str, float, str]]:
+    """Statistics vs bare forward with model and SAEs in float32, then in bfloat16 (each loaded as a run with
+    --dtype would be), and the bfloat16 statistics' time over float32's."""
+    from sae_unlearn.models.loading import cpu_supports_bf16
+
+    rows, stats_seconds = [], {}
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model(model, dtype=dtype)
+        saes = load_saes_for(loaded, sae)
+        t_stats, t_bare, ratio = statistics_vs_bare(loaded, saes, ids, repeats)
+        stats_seconds[dtype] = t_stats
+        print(
+            f"{dtype}: statistics {ids.numel() / t_stats:.0f} tok/s, bare truncated forward {ids.numel() / t_bare:.0f}"
+        )
+        rows.append((f"feature statistics vs bare truncated forward, {dtype}", 1 / ratio, ">= 0.85"))
+    bf16 = "with" if cpu_supports_bf16() else "WITHOUT"
+    rows.append(
+        (
+            f"bfloat16 statistics time / float32's (CPU {bf16} bf16 instr.)",
+            stats_seconds["bfloat16"] / stats_seconds["float32"],
+            "info",
+        )
+    )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--sae", default="shipped")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rows", choices=["all", "dtype"], default="all", help="dtype: only the dtype rows")
+    parser.add_argument("--repeats", type=int, default=5, help="paired rounds per ratio")
     args = parser.parse_args()
+    if args.rows == "dtype":
+        torch.manual_seed(0)
+        ids = torch.randint(1000, 20000, (args.batch, args.seq))
+        rows = dtype_rows(args.model, args.sae, ids, args.repeats)
+        print(f"model {args.model}, {ids.numel()} tokens per batch, {torch.get_num_threads()} threads")
+        for name, ratio, target in rows:
+            print(f"{name:62s} {ratio:8.2f}  {target}")
+        return
     loaded = load_model(args.model)
     saes = load_saes_for(loaded, args.sae)
     layers = [s.layer for s in saes]
@@ -281,6 +339,8 @@ def main() -> None:
         f"{t_crisp:.2f} s ({t_crisp_cached:.2f} s reusing frozen states) vs LoRA LM step {t_lm:.2f} s "
         f"on {n_train} tokens"
     )
+    for name, ratio, target in dtype_rows(args.model, args.sae, ids, 5):
+        print(f"{name:58s} {ratio:8.2f}  {target}")
 
 
 if __name__ == "__main__":

@@ -99,9 +99,10 @@ def train_sae(
     encoder_matmul_dtype: Annotated[
         str,
         typer.Option(
-            help="dtype of the encoder's ranking product and the dead latents' products: bfloat16 (fast) or float32"
+            help="dtype of the encoder's ranking product and the dead latents' products: auto (bfloat16 where "
+            "the device runs it in hardware and --dtype is bfloat16), bfloat16 or float32"
         ),
-    ] = "bfloat16",
+    ] = "auto",
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace SAEs already in --out")] = False,

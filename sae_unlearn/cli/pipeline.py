@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -421,30 +422,40 @@ def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any
     return load_experiment(config, fast=fast, overrides=overrides)
 
 
-def stage_estimates(experiment: Experiment, device: str, dtype: str) -> dict[str, float]:
-    """Expected seconds per stage name of `experiment.stage_plan()`, where known.
+def stage_estimates(loaded: Any, experiment: Experiment, out: Path) -> dict[str, float]:
+    """Measured seconds per stage of `experiment.stage_plan()` (evaluation/estimate.py: a few seconds of
+    throughput probing on this model, device and compute dtype), also kept in OUT/estimate.json."""
+    from sae_unlearn.concepts.pack import load_pack
+    from sae_unlearn.evaluation.estimate import estimate_compare, estimate_to_dict
+    from sae_unlearn.io import atomic_write_json
 
-    The hook for the per-stage time estimate (issue 12's timing module): the plan and the plain
-    progress lines show these; an empty dict shows the plan without times.
-    """
-    return {}
+    stages, rates = estimate_compare(loaded, load_pack(experiment.concept), experiment.compare)
+    out.mkdir(parents=True, exist_ok=True)
+    compute = loaded.compute_dtype.to_dict()
+    atomic_write_json(out / "estimate.json", {"compute_dtype": compute, **estimate_to_dict(stages, rates)})
+    return {s.stage.replace("_", " "): s.seconds for s in stages}
 
 
 def _run_experiment(
     out: Path, experiment: Experiment, *, title: str, overwrite: bool, dtype: str, device: str
 ) -> dict[str, Any]:
     from sae_unlearn.evaluation.experiment import run_experiment
+    from sae_unlearn.models import load_model
 
     _check_out(out, overwrite)
     check_device(device)
-    reporter = Reporter(title, experiment.stage_plan(), estimates=stage_estimates(experiment, device, dtype))
+    started = time.perf_counter()
+    loaded = load_model(experiment.model, dtype=dtype, device=device)
+    compute = loaded.compute_dtype
+    console.print(f"compute dtype {compute.name} ({compute.reason}); measuring throughput for the time estimate")
+    estimates = {"load model": time.perf_counter() - started, **stage_estimates(loaded, experiment, out)}
+    reporter = Reporter(title, experiment.stage_plan(), estimates=estimates)
     reporter.print_plan()
     with reporter:
         results = run_experiment(
             experiment,
             out,
-            dtype=dtype,
-            device=device,
+            loaded=loaded,
             stage=reporter.message,
             progress=lambda step, total, terms: reporter.update(step, total, info=_terms(terms)),
         )
@@ -518,15 +529,13 @@ def demo(
     device: DeviceOpt = "auto",
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs
-    (the built-in experiment demo, or demo-fast with --fast)."""
+    (the built-in experiment demo, or demo-fast with --fast); prints a measured time estimate per stage."""
     experiment = load_cli_experiment(
         "demo-fast" if fast else "demo", False, experiment_overrides(methods=methods, attack=attack, set_=set_)
     )
-    names = ",".join(experiment.compare.methods)
-    minutes = "~7" if fast else "~31"
     console.print(
-        f"[bold]sae-unlearn demo[/]: Gemma 3 270M, concept harry-potter, methods {names}; "
-        f"estimated {minutes} minutes on 2 CPU cores"
+        f"[bold]sae-unlearn demo[/]: {experiment.model}, concept {experiment.concept}, "
+        f"methods {','.join(experiment.compare.methods)}"
     )
     _run_experiment(out, experiment, title="demo", overwrite=overwrite, dtype=dtype, device=device)
 

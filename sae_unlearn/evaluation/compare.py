@@ -2,9 +2,9 @@
 
 DIR/features/          features.json, stats.safetensors, report.html
 DIR/runs/METHOD/       one run directory per method
-DIR/results.json       {"version", "concept", "model", "created", "goals", "verdicts": {method: {goal: ...}},
-                        "record": {"config": CompareConfig, "versions"}, "experiment" (the settings that
-                        re-run it: compare --config results.json),
+DIR/results.json       {"version", "concept", "model", "compute_dtype": {"dtype", "reason"}, "created", "goals",
+                        "verdicts": {method: {goal: ...}}, "record": {"config": CompareConfig, "versions"},
+                        "experiment" (the settings that re-run it: compare --config results.json),
                         "methods": {name: evaluate() result + "paired" (differences against base)},
                         "seconds": {"feature_selection", "unlearn_METHOD"..., "total"}} (evaluation
                         time is each result's own "seconds"; paired CIs and verdicts: goals.py)
@@ -92,6 +92,7 @@ def compare(
         "version": 1,
         "concept": pack.name,
         "model": loaded.spec,
+        "compute_dtype": loaded.compute_dtype.to_dict(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "goals": dict(GOALS),
         "record": {"config": dataclasses.asdict(cfg), "versions": versions()},

@@ -116,7 +116,7 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     selection = load_features(run_dir)
     saes = [
         s
-        for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device))
+        for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device), dtype=loaded.dtype)
         if s.layer in selection.by_layer()
     ]
     probe = dataclasses.replace(loaded, model=model)

@@ -46,6 +46,7 @@ from sae_unlearn.evaluation.compare import CompareConfig, compare
 from sae_unlearn.evaluation.evaluate import EvalConfig
 from sae_unlearn.features import make_strategy
 from sae_unlearn.methods import METHODS, method_config
+from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.options import coerce_options, field_names
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -196,15 +197,18 @@ def run_experiment(
     device: str = "auto",
     stage: Callable[[str], None] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Load the experiment's concept pack and model and run compare(); results.json embeds the experiment."""
+    """Load the experiment's concept pack and model (unless `loaded` is given) and run compare();
+    results.json embeds the experiment."""
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.models import load_model
 
     pack = load_pack(experiment.concept)
     if stage is not None:
         stage("load model")
-    loaded = load_model(experiment.model, dtype=dtype, device=device)
+    if loaded is None:
+        loaded = load_model(experiment.model, dtype=dtype, device=device)
     return compare(
         loaded, pack, out, experiment.compare, stage=stage, progress=progress, experiment=experiment.to_dict()
     )

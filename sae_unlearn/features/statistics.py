@@ -173,6 +173,7 @@ def stats_key(
             "v": STATS_VERSION,
             "model": loaded.source,
             "dtype": str(loaded.dtype),
+            "sae_dtypes": sorted({str(s.sae.W_enc.dtype) for s in saes}),  # products run in the SAEs' dtype
             "saes": sae_ids,
             "corpus": corpus,
             "max_length": max_length,

@@ -89,6 +89,7 @@ def unlearn(
             "model": loaded.spec,
             "model_source": loaded.source,
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "compute_dtype": loaded.compute_dtype.to_dict(),
             "sae": sae_spec if cls.needs_saes else None,
             "concept": pack.name,
             "concept_fingerprint": pack.fingerprint(),
@@ -113,7 +114,7 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
     method = config["method"]
     if method in ("clamp", "ablate"):
         intervention = Intervention.load(run_dir / "intervention.json")
-        saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device))
+        saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device), dtype=loaded.dtype)
         with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
             yield loaded.model
     elif method in ADAPTER_METHODS:

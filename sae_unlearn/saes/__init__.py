@@ -32,7 +32,7 @@ __all__ = [
 
 def load_saes_for(loaded: LoadedModel, spec: str = "shipped") -> list[LoadedSAE]:
     """Load SAEs and check they fit the model (hidden size and layer)."""
-    saes = load_saes(spec, model_spec=loaded.spec, device=str(loaded.device))
+    saes = load_saes(spec, model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
     check_compatible(saes, loaded.n_layers, loaded.d_model)
     return saes
 
@@ -52,7 +52,7 @@ def train_saes(
     trainer = SAETrainer(loaded, cfg, texts, out, loaded.spec)
     trainer.train(resume=resume, progress=progress)
     trainer.export(out)
-    saes = load_saes(str(out), model_spec=loaded.spec, device=str(loaded.device))
+    saes = load_saes(str(out), model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
     eval_texts = list(heldout) if heldout else list(texts)[-max(1, len(texts) // 20) :]
     if not heldout:
         log.warning("no held-out text given: quality is measured on the last 5%% of the training corpus")

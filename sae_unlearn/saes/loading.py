@@ -93,13 +93,17 @@ def _sae_dirs(path: Path) -> list[Path]:
     return subdirs
 
 
-def _load_disk(path: Path, device: str) -> Any:
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _load_disk(path: Path, device: str, dtype: torch.dtype | None) -> Any:
     from sae_lens import SAE
 
     if not (path / "sae_weights.safetensors").exists():
         raise UserError(f"{path} has cfg.json but no sae_weights.safetensors", "copy the weights file beside cfg.json")
     try:
-        return SAE.load_from_disk(str(path), device=device)
+        return SAE.load_from_disk(str(path), device=device, dtype=_dtype_name(dtype))
     except Exception as e:
         raise UserError(
             f"cannot load the SAE in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
@@ -107,11 +111,11 @@ def _load_disk(path: Path, device: str) -> Any:
         ) from e
 
 
-def _load_release(release: str, sae_id: str, device: str) -> Any:
+def _load_release(release: str, sae_id: str, device: str, dtype: torch.dtype | None) -> Any:
     from sae_lens import SAE
 
     try:
-        return SAE.from_pretrained(release, sae_id, device=device)
+        return SAE.from_pretrained(release, sae_id, device=device, dtype=_dtype_name(dtype) or "float32")
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise UserError(
@@ -122,17 +126,24 @@ def _load_release(release: str, sae_id: str, device: str) -> Any:
         ) from e
 
 
-def load_saes(spec: str, model_spec: str = "embedded", device: str = "cpu") -> list[LoadedSAE]:
-    """Load every SAE named by `spec` (see module doc), sorted by layer."""
+def load_saes(
+    spec: str, model_spec: str = "embedded", device: str = "cpu", dtype: torch.dtype | None = None
+) -> list[LoadedSAE]:
+    """Load every SAE named by `spec` (see module doc), sorted by layer.
+
+    `dtype`: cast once at load to the run's compute dtype (the model's: `LoadedModel.dtype`), so every SAE
+    product runs in it; the shipped files stay bfloat16 on disk. None keeps the stored dtype (SAELens
+    releases: float32).
+    """
     loaded: list[LoadedSAE] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if part == "shipped":
-            saes = [(_load_disk(d, device), str(d)) for d in _sae_dirs(shipped_dir_for(model_spec))]
+            saes = [(_load_disk(d, device, dtype), str(d)) for d in _sae_dirs(shipped_dir_for(model_spec))]
         elif Path(part).expanduser().exists():
-            saes = [(_load_disk(d, device), str(d)) for d in _sae_dirs(Path(part).expanduser())]
+            saes = [(_load_disk(d, device, dtype), str(d)) for d in _sae_dirs(Path(part).expanduser())]
         elif ":" in part:
             release, sae_id = part.split(":", 1)
-            saes = [(_load_release(release, sae_id, device), part)]
+            saes = [(_load_release(release, sae_id, device, dtype), part)]
         else:
             raise UserError(
                 f"unknown SAE spec {part!r}", "use shipped, a local SAE directory, or RELEASE:SAE_ID from SAELens"

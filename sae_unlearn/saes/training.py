@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.models.hooks import capture_resid_post, hook_name, special_token_ids, valid_token_mask
-from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.models.loading import LoadedModel, bf16_is_fast
 from sae_unlearn.saes.topk import topk_last_dim
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,15 @@ class SAETrainingConfig:
     checkpoint_every: int = 200
     seed: int = 0
     eval_tokens: int = 8192
-    # the ranking encoder product and the dead latents' aux-k products; the rest stays float32
-    encoder_matmul_dtype: str = "bfloat16"
+    # the ranking encoder product and the dead latents' aux-k products; the rest stays float32.
+    # auto: bfloat16 where it runs in hardware and the run computes in bfloat16, else float32
+    encoder_matmul_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.encoder_matmul_dtype not in ("bfloat16", "float32"):
-            raise UserError(f"unknown encoder matmul dtype {self.encoder_matmul_dtype!r}", "use bfloat16 or float32")
+        if self.encoder_matmul_dtype not in ("auto", "bfloat16", "float32"):
+            raise UserError(
+                f"unknown encoder matmul dtype {self.encoder_matmul_dtype!r}", "use auto, bfloat16 or float32"
+            )
         if self.normalize not in NORMALIZATION_EXPONENTS:
             raise UserError(f"unknown normalisation {self.normalize!r}", "use sqrt_per_dim, per_dim or none")
         if self.k < 1 or self.expansion < 1:
@@ -347,6 +350,17 @@ def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, 
     return TopKTrainingSAE(sae_cfg)
 
 
+def encoder_matmul_dtype(choice: str, loaded: LoadedModel) -> torch.dtype | None:
+    """The trainer's ranking/dead-latent product dtype (None: float32, the weights' own). `auto` is bfloat16
+    only where the device runs it in hardware and the run's compute dtype is bfloat16 (so --dtype float32
+    means float32 products); emulated bfloat16 products cost ~64x float32 on CPUs without bf16 instructions."""
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if choice == "auto" and loaded.dtype == torch.bfloat16 and bf16_is_fast(loaded.device):
+        return torch.bfloat16
+    return None
+
+
 def new_optimizer(params: dict[str, torch.nn.Parameter], lr: float) -> torch.optim.Adam:
     # fused: one kernel per parameter instead of several passes over 3.3M-entry matrices (~3x on CPU)
     return torch.optim.Adam(params.values(), lr=lr, betas=(0.9, 0.999), fused=True)
@@ -380,6 +394,8 @@ class SAETrainer:
         self.stats: dict[int, NormStats] = {}
         self.leftover: dict[int, torch.Tensor] = {}
         self.last_checkpoint_step = 0
+        self.matmul_dtype = encoder_matmul_dtype(cfg.encoder_matmul_dtype, loaded)
+        log.info("encoder matmul dtype: %s", self.matmul_dtype or torch.float32)
         self.forward_seconds = 0.0  # in the model's forward passes, since the training loop began
         self.loop_seconds = 0.0  # in the whole training loop (forward passes, data pipeline, SAE steps)
 
@@ -451,7 +467,7 @@ class SAETrainer:
     # -- optimisation -------------------------------------------------------------------------
     def _step(self, batch: dict[int, torch.Tensor], total_steps: int) -> dict[str, float]:
         lr = learning_rate(self.state.step, total_steps, self.cfg)
-        matmul_dtype = torch.bfloat16 if self.cfg.encoder_matmul_dtype == "bfloat16" else None
+        matmul_dtype = self.matmul_dtype
         metrics: dict[str, float] = {}
         for layer, x in batch.items():
             sae, opt = self.saes[layer], self.optimizers[layer]

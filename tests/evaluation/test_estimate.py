@@ -1,0 +1,142 @@
+"""The measured time estimate: the work model follows the settings, the arithmetic divides by the rates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_unlearn.concepts.pack import load_pack
+from sae_unlearn.evaluation.compare import CompareConfig
+from sae_unlearn.evaluation.estimate import Throughput, Work, estimate, probe_throughput, stage_plan
+from sae_unlearn.evaluation.evaluate import EvalConfig
+from sae_unlearn.saes.loading import LoadedSAE
+from tests.conftest import tiny_sae
+
+RATES = Throughput(
+    forward_tokens=1000.0,
+    lm_head_rows=200.0,
+    sae_tokens=4000.0,
+    train_tokens=250.0,
+    lm_train_tokens=100.0,
+    generated_tokens=20.0,
+)
+
+
+def _saes() -> list[LoadedSAE]:
+    return [LoadedSAE(tiny_sae(layer), layer, "tiny") for layer in (1, 2)]
+
+
+def _cfg(**kw) -> CompareConfig:
+    options = {"crisp": {"steps": 10, "fluency_every": 0}, "rmu": {"steps": 10}}
+    return CompareConfig(
+        methods=["crisp", "clamp", "rmu"],
+        max_length=kw.pop("max_length", 64),
+        method_options=kw.pop("method_options", options),
+        eval=kw.pop("eval", EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4])),
+        **kw,
+    )
+
+
+def test_work_seconds_is_work_over_rates() -> None:
+    work = Work(forward_tokens=5000, lm_head_rows=100, sae_tokens=8000, generated_tokens=40)
+    assert work.seconds(RATES) == pytest.approx(5 + 0.5 + 2 + 2)
+    assert (work * 2).seconds(RATES) == pytest.approx(2 * work.seconds(RATES))
+    assert (work + Work(train_tokens=500)).seconds(RATES) == pytest.approx(work.seconds(RATES) + 2)
+    plan = [("a", work), ("b", Work(lm_train_tokens=300))]
+    stages = estimate(plan, RATES)
+    assert [(s.stage, s.seconds) for s in stages] == [("a", pytest.approx(9.5)), ("b", pytest.approx(3.0))]
+
+
+def test_plan_follows_the_compare_stages_and_settings(loaded, pack_dir: Path) -> None:
+    pack, saes = load_pack(pack_dir), _saes()
+    plan = dict(stage_plan(loaded, saes, pack, _cfg()))
+    assert list(plan) == [
+        "feature_selection",
+        "evaluate_base",
+        "unlearn_crisp",
+        "evaluate_crisp",
+        "unlearn_clamp",
+        "evaluate_clamp",
+        "unlearn_rmu",
+        "evaluate_rmu",
+    ]
+    assert plan["feature_selection"].sae_tokens > 0 and plan["feature_selection"].train_tokens == 0
+    assert plan["unlearn_clamp"] == Work()  # clamp only writes intervention.json
+    assert plan["evaluate_base"].sae_tokens == 0 and plan["evaluate_clamp"].sae_tokens > 0  # hooks + re-activation
+    # every forget paragraph of the tiny pack names the one answer: evaluate skips the attack, and so does the plan
+    assert plan["evaluate_base"].attack_train_tokens == 0
+    built_in = dict(stage_plan(loaded, saes, load_pack("harry-potter"), _cfg()))
+    assert built_in["evaluate_base"].attack_train_tokens > 0 and built_in["evaluate_crisp"].attack_forward_tokens > 0
+    # twice the CRISP steps: twice the training work (the frozen states are computed in the first epoch only)
+    doubled = dict(
+        stage_plan(
+            loaded, saes, pack, _cfg(method_options={"crisp": {"steps": 20, "fluency_every": 0}, "rmu": {"steps": 10}})
+        )
+    )
+    assert doubled["unlearn_crisp"].train_tokens == pytest.approx(2 * plan["unlearn_crisp"].train_tokens)
+    assert doubled["unlearn_rmu"] == plan["unlearn_rmu"]
+    # longer statistics paragraphs never lower the statistics work
+    longer = dict(stage_plan(loaded, saes, pack, _cfg(max_length=8)))
+    assert longer["feature_selection"].sae_tokens < plan["feature_selection"].sae_tokens
+
+
+def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
+    pack = load_pack(pack_dir)
+    ev = EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4], robustness_for=["crisp"])
+    plan = dict(stage_plan(loaded, _saes(), pack, _cfg(eval=ev)))
+    assert plan["evaluate_base"].attack_train_tokens == 0 and plan["evaluate_rmu"].attack_train_tokens == 0
+    built_in = load_pack("harry-potter")
+    alone = dict(stage_plan(loaded, _saes(), built_in, _cfg(eval=ev)))
+    assert alone["evaluate_base"].attack_train_tokens == 0 and alone["evaluate_rmu"].attack_train_tokens == 0
+    with_base = dict(stage_plan(loaded, _saes(), built_in, _cfg(eval=replace(ev, robustness_for=["base", "crisp"]))))
+    # crisp attacked alone also pays for the base-model control the base evaluation would otherwise have cached
+    crisp_alone, crisp_after_base = alone["evaluate_crisp"], with_base["evaluate_crisp"]
+    assert crisp_alone.attack_train_tokens == 2 * crisp_after_base.attack_train_tokens > 0
+    assert with_base["evaluate_base"].attack_train_tokens == crisp_after_base.attack_train_tokens
+    with_letter = dict(
+        stage_plan(
+            loaded,
+            _saes(),
+            pack,
+            _cfg(eval=EvalConfig(probe_split="all", letter=True, relearn_steps=4, relearn_eval_at=[0, 4])),
+        )
+    )
+    assert (
+        with_letter["evaluate_base"].forward_tokens
+        > dict(stage_plan(loaded, _saes(), pack, _cfg()))["evaluate_base"].forward_tokens
+    )
+
+
+def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> None:
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    rates = probe_throughput(loaded, _saes(), budget_s=0.01, attack_dtype="float32")
+    names = ("forward_tokens", "lm_head_rows", "sae_tokens", "train_tokens", "lm_train_tokens", "generated_tokens")
+    for name in (*names, "attack_train_tokens", "attack_forward_tokens"):
+        value = getattr(rates, name)
+        assert value > 0 and math.isfinite(value), name
+    assert rates.dtype == "float32" and rates.device == "cpu"
+    after = loaded.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from sae_unlearn.cli.pipeline import stage_estimates
+    from sae_unlearn.evaluation.experiment import Experiment
+
+    out = tmp_path / "out"
+    experiment = Experiment(concept=str(pack_dir), compare=_cfg(sae=str(sae_dir)))
+    seconds = stage_estimates(loaded, experiment, out)
+    assert set(experiment.stage_plan()) - {"load model"} == set(seconds)  # every stage the progress lines name
+    saved = json.loads((out / "estimate.json").read_text())
+    assert list(saved["stages"])[:3] == ["feature_selection", "evaluate_base", "unlearn_crisp"]
+    assert saved["total_seconds"] == pytest.approx(sum(saved["stages"].values()), abs=0.5)
+    assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
+    assert saved["compute_dtype"]["dtype"] == "float32"
+    assert saved["throughput_per_second"]["forward_tokens"] > 0
