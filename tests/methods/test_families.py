@@ -154,3 +154,16 @@ def _pack(root: Path) -> Path:
     from tests.conftest import write_pack
 
     return write_pack(root)
+
+
+def test_edit_hooks_leave_position_zero_without_bos(tmp_path: Path) -> None:
+    loaded, spec = _setup("llama", tmp_path)
+    saes = load_saes(spec)
+    ids = loaded.tokenizer(["The wizard Zorbo lives in the tower"], return_tensors="pt").input_ids
+    everything = Intervention("clamp", loaded.spec, spec, [LayerEdit(1, list(range(1, 96)), "clamp", value=-3.0)])
+    with torch.no_grad():
+        before = capture_resid_post(loaded.model, ids, None, [1, 2], stop_early=False)
+        with install(loaded.model, saes, everything, token_policy(loaded.tokenizer)):
+            during = capture_resid_post(loaded.model, ids, None, [1, 2], stop_early=False)
+    assert torch.equal(during[1][:, 0], before[1][:, 0])  # the attention sink is never edited
+    assert not torch.equal(during[1][:, 1:], before[1][:, 1:])
