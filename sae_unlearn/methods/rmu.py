@@ -54,9 +54,11 @@ class RmuConfig:
     """Steering coefficient in units of the median token norm (published: 6.5 at Zephyr's layer 7)."""
     coeff_texts: int = 64
     """Forget-train paragraphs whose tokens give the median norm."""
-    alpha: float = 1.0
+    alpha: float = 10.0
     """Retain weight on the published scale (both MSEs in the same units): 1200 for Zephyr-7B in the
-    WMDP paper; Gemma-2-2B reproductions use about 1 or less."""
+    WMDP paper; Gemma-2-2B reproductions use about 1 or less. 10: on the embedded model alpha 1 moved
+    retain activations 0.76x as far as forget ones, alpha 10 0.30x (training traces, docs/baselines.md;
+    provisional until a tune-split evaluation picks a value)."""
     lr: float = 5e-5
     """AdamW learning rate on a float32 master copy of the updated parameters (published 5e-5)."""
     steps: int = 150
