@@ -199,7 +199,9 @@ def test_report_shows_recovery_with_control_and_the_goal_reads_the_worst_case() 
         "curve": [{"step": 0, "target_acc": 0.3}, {"step": 10, "target_acc": 0.55}],
     }
     results = {"goals": {"relearn_recovery_max": 0.4}, "methods": {"base": {}, "crisp": {"relearning": rec}}}
-    assert goal_rows(results) == [("relearn_recovery_max", 0.4, 0.5, False)]
+    [(method, goal, limit, row)] = goal_rows(results)
+    assert (method, goal, limit) == ("crisp", "relearn_recovery_max", 0.4)
+    assert row["value"] == 0.5 and row["verdict"] == "missed"
     page = render_compare_report(results)
     assert "Relearning attacks" in page and "0.80 → 0.82" in page and "0.30 → 0.55" in page
     assert "crisp: 0.50 (lora_r16, step 10)" in page

@@ -40,7 +40,7 @@ def test_unlearn_with_a_preset_uses_its_options_under_explicit_ones(loaded, sae_
     pack = load_pack(pack_dir)
     saes = load_saes(str(sae_dir))
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=2, min_ratio=0.0), batch_size=4)
-    explicit = {"lora_layers": [0, 1, 2], "max_length": 16, "checkpoint_every": 0, "batch_size": 12}
+    explicit = {"lora_layers": [0, 1, 2], "max_length": 16, "checkpoint_every": 0, "batch_size": 2}
     run = unlearn(
         "crisp",
         loaded,
@@ -55,8 +55,8 @@ def test_unlearn_with_a_preset_uses_its_options_under_explicit_ones(loaded, sae_
     config = json.loads((run / "config.json").read_text())
     options = config["options"]
     assert options["lr"] == 2e-5 and options["alpha"] == 30.0 and options["objective"] == "published"
-    assert options["lora_layers"] == [0, 1, 2] and options["batch_size"] == 12  # explicit wins
-    steps = math.ceil(len(pack.forget_split("train")) / 12)  # one epoch
+    assert options["lora_layers"] == [0, 1, 2] and options["batch_size"] == 2  # explicit wins
+    steps = math.ceil(len(pack.forget_split("train")) / 2)  # one epoch over the deduplicated paragraphs
     assert config["result"]["steps_done"] == steps
     with pytest.raises(UserError, match="is for method crisp, not clamp"):
         unlearn("clamp", loaded, pack, tmp_path / "c", saes=saes, features=selection, preset="crisp-paper")
