@@ -40,37 +40,33 @@ def _current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """A temporary sibling of `path` to write; renamed over `path` in one step when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with _atomic_target(Path(path)) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """safetensors.torch.save_file into a temporary sibling, then one rename: readers see all or nothing."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_target(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -40,7 +40,8 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def _get(d: Any, *keys: Any) -> Any:
+def nested(d: Any, *keys: Any) -> Any:
+    """d[k1][k2]..., or None where a level is missing or not a dict (results.json readers)."""
     for k in keys:
         if not isinstance(d, dict):
             return None
@@ -51,7 +52,7 @@ def _get(d: Any, *keys: Any) -> Any:
 def paired_rings(method: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Per ring and scoring kind: mean per-probe difference method - base with its paired 95% CI, over
     the probes both results scored."""
-    items_m, items_b = _get(method, "probes", "items") or {}, _get(base, "probes", "items") or {}
+    items_m, items_b = nested(method, "probes", "items") or {}, nested(base, "probes", "items") or {}
     shared = [pid for pid in items_m if pid in items_b]
     rings: dict[str, Any] = {}
     for ring in dict.fromkeys(items_m[pid]["ring"] for pid in shared):
@@ -78,7 +79,9 @@ Measure = tuple[float, tuple[float, float]] | None
 
 def _ring_drop(method: dict[str, Any], base: dict[str, Any], ring: str) -> Measure:
     """Points lost on `ring` (base - method, logprob scoring), paired CI."""
-    d = _get(method, "paired", "rings", ring, "logprob") or _get(paired_rings(method, base), "rings", ring, "logprob")
+    d = nested(method, "paired", "rings", ring, "logprob") or nested(
+        paired_rings(method, base), "rings", ring, "logprob"
+    )
     if not d or not d.get("n"):
         return None
     lo, hi = d["ci95"]
@@ -86,8 +89,8 @@ def _ring_drop(method: dict[str, Any], base: dict[str, Any], ring: str) -> Measu
 
 
 def _target_vs_chance(method: dict[str, Any], _base: dict[str, Any]) -> Measure:
-    entry = _get(method, "probes", "rings", "target")
-    acc, chance = _finite(_get(entry, "logprob", "acc")), _finite(_get(entry, "chance"))
+    entry = nested(method, "probes", "rings", "target")
+    acc, chance = _finite(nested(entry, "logprob", "acc")), _finite(nested(entry, "chance"))
     if acc is None:
         return None
     chance = 0.25 if chance is None else chance
@@ -97,7 +100,7 @@ def _target_vs_chance(method: dict[str, Any], _base: dict[str, Any]) -> Measure:
 
 def _paired_texts(method: dict[str, Any], base: dict[str, Any], key: str) -> Measure:
     """Perplexity ratio - 1 on the same texts, resampled together."""
-    m, b = _get(method, "per_text", key), _get(base, "per_text", key)
+    m, b = nested(method, "per_text", key), nested(base, "per_text", key)
     if not m or not b or len(m) != len(b):
         return None
     mt, mc = zip(*m, strict=True)
@@ -113,8 +116,8 @@ def _paired_samples(
     method: dict[str, Any], base: dict[str, Any], field: str, stat: Callable[[np.ndarray, np.ndarray], float]
 ) -> Measure:
     """`stat` of a per-generation quantity over the forget prompts both models continued."""
-    ms = {s["prompt"]: s.get(field) for s in _get(method, "fluency", "forget_prompts", "samples") or []}
-    bs = {s["prompt"]: s.get(field) for s in _get(base, "fluency", "forget_prompts", "samples") or []}
+    ms = {s["prompt"]: s.get(field) for s in nested(method, "fluency", "forget_prompts", "samples") or []}
+    bs = {s["prompt"]: s.get(field) for s in nested(base, "fluency", "forget_prompts", "samples") or []}
     pairs = [(_finite(ms[p]), _finite(bs[p])) for p in ms if p in bs]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if not pairs:
@@ -126,13 +129,15 @@ def _relearn_recovery(method: dict[str, Any], base: dict[str, Any]) -> Measure:
     """The fact-disjoint attacks' worst-case recovery fraction (relearning.py); for records without it,
     (acc after the attack - acc before) / (base acc - acc before) from the curve. A point estimate (the
     curves carry no per-probe data), so its CI is the point itself; see `note`."""
-    worst = _finite(_get(method, "relearning", "worst_case", "recovery"))
+    worst = _finite(nested(method, "relearning", "worst_case", "recovery"))
     if worst is not None:
         return worst, (worst, worst)
-    if isinstance(_get(method, "relearning", "attacks"), dict):
+    if isinstance(nested(method, "relearning", "attacks"), dict):
         return None  # attacks ran but no recovery is defined (gap within noise, or every attack broke the model)
-    curve = sorted((p["step"], p["target_acc"]) for p in _get(method, "relearning", "curve") or [] if "target_acc" in p)
-    base_acc = _finite(_get(base, "probes", "rings", "target", "logprob", "acc"))
+    curve = sorted(
+        (p["step"], p["target_acc"]) for p in nested(method, "relearning", "curve") or [] if "target_acc" in p
+    )
+    base_acc = _finite(nested(base, "probes", "rings", "target", "logprob", "acc"))
     if len(curve) < 2 or base_acc is None or base_acc - curve[0][1] <= 0:
         return None
     value = (curve[-1][1] - curve[0][1]) / (base_acc - curve[0][1])
@@ -168,8 +173,8 @@ def judge(key: str, limit: Any, method: dict[str, Any], base: dict[str, Any] | N
     """One goal for one method: {"limit", "value", "ci95", "verdict", "note"}."""
     row: dict[str, Any] = {"limit": limit, "value": None, "ci95": None, "verdict": "inconclusive", "note": ""}
     g = _finite(limit)
-    invalid = {str(k): str(v) for k, v in (_get(method, "validity", "invalid") or {}).items()}
-    invalid.update({str(k): str(v) for k, v in (_get(base, "validity", "invalid") or {}).items()})
+    invalid = {str(k): str(v) for k, v in (nested(method, "validity", "invalid") or {}).items()}
+    invalid.update({str(k): str(v) for k, v in (nested(base, "validity", "invalid") or {}).items()})
     field = GOAL_FIELDS.get(key)
     if key not in MEASURES or g is None:
         row["note"] = "unknown goal" if key not in MEASURES else "limit is not a number"

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from sae_unlearn.evaluation.goals import verdicts
+from sae_unlearn.evaluation.goals import nested, verdicts
 from sae_unlearn.evaluation.scoring import SCORE_KINDS
 
 RINGS = ("target", "near", "mid", "far")
@@ -58,14 +58,6 @@ def fmt(x: Any) -> str:
     return f"{v:.3g}"
 
 
-def _get(d: Any, *keys: Any) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def _acc_cell(acc: Any) -> str:
     v = _num(acc)
     if v is None:
@@ -76,12 +68,12 @@ def _acc_cell(acc: Any) -> str:
 
 
 def _curve(r: Any) -> list[tuple[float, float]]:
-    pts = [(_num(_get(p, "step")), _num(_get(p, "target_acc"))) for p in _get(r, "relearning", "curve") or []]
+    pts = [(_num(nested(p, "step")), _num(nested(p, "target_acc"))) for p in nested(r, "relearning", "curve") or []]
     return sorted((s, a) for s, a in pts if s is not None and a is not None)
 
 
 def _lp(r: Any, ring: str) -> float | None:
-    return _num(_get(r, "probes", "rings", ring, "logprob"))
+    return _num(nested(r, "probes", "rings", ring, "logprob"))
 
 
 def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
@@ -99,50 +91,50 @@ def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, An
 
 
 def _diff_cell(d: Any) -> str:
-    v = _num(_get(d, "diff"))
+    v = _num(nested(d, "diff"))
     if v is None:
         return DASH
-    ci = _get(d, "ci95")
+    ci = nested(d, "ci95")
     lo, hi = (_num(ci[0]), _num(ci[1])) if isinstance(ci, list | tuple) and len(ci) == 2 else (None, None)
     return f"{v:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else "")
 
 
 def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rs = list(ms.values())
-    rings = [*RINGS, *sorted({k for r in rs for k in _get(r, "probes", "rings") or {} if k not in RINGS})]
+    rings = [*RINGS, *sorted({k for r in rs for k in nested(r, "probes", "rings") or {} if k not in RINGS})]
     rows = [
-        (f"{kind} · {ring}", [_acc_cell(_get(r, "probes", "rings", ring, kind)) for r in rs])
+        (f"{kind} · {ring}", [_acc_cell(nested(r, "probes", "rings", ring, kind)) for r in rs])
         for kind in SCORE_KINDS
         for ring in rings
     ]
     rows += [
-        (f"Δ vs base · {kind} · {ring}", [_diff_cell(_get(r, "paired", "rings", ring, kind)) for r in rs])
+        (f"Δ vs base · {kind} · {ring}", [_diff_cell(nested(r, "paired", "rings", ring, kind)) for r in rs])
         for kind in ("logprob", "letter")
         for ring in rings
-        if any(_get(r, "paired", "rings", ring, kind) for r in rs)
+        if any(nested(r, "paired", "rings", ring, kind) for r in rs)
     ]
-    rows.append(("chance (1/options) · target", [fmt(_get(r, "probes", "rings", "target", "chance")) for r in rs]))
+    rows.append(("chance (1/options) · target", [fmt(nested(r, "probes", "rings", "target", "chance")) for r in rs]))
     rows += [
-        (k, [fmt(_get(r, "retention", k)) for r in rs])
+        (k, [fmt(nested(r, "retention", k)) for r in rs])
         for k in ("retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl")
     ]
     rows += [
-        (f"fluency {p} · {k}", [fmt(_get(r, "fluency", p, k)) for r in rs])
+        (f"fluency {p} · {k}", [fmt(nested(r, "fluency", p, k)) for r in rs])
         for p in ("coherence", "forget_prompts")
         for k in FLUENCY
     ]
-    rows.append(("reactivation fraction", [fmt(_get(r, "reactivation", "fraction")) for r in rs]))
+    rows.append(("reactivation fraction", [fmt(nested(r, "reactivation", "fraction")) for r in rs]))
     rows.append(
-        ("adversarial any-template acc", [_acc_cell(_get(r, "adversarial", "any_template_accuracy")) for r in rs])
+        ("adversarial any-template acc", [_acc_cell(nested(r, "adversarial", "any_template_accuracy")) for r in rs])
     )
     rows.append(
-        ("adversarial any-template chance", [fmt(_get(r, "adversarial", "chance", "any_template")) for r in rs])
+        ("adversarial any-template chance", [fmt(nested(r, "adversarial", "chance", "any_template")) for r in rs])
     )
     rows.append(("adversarial any-template above chance", [fmt(_adv_excess(r)) for r in rs]))
     rows.append(("relearning final target acc", [fmt(c[-1][1]) if (c := _curve(r)) else DASH for r in rs]))
-    lm = sorted({(t, m) for r in rs for t, v in (_get(r, "lm_eval") or {}).items() if isinstance(v, dict) for m in v})
-    rows += [(f"lm_eval {t} · {m}", [fmt(_get(r, "lm_eval", t, m)) for r in rs]) for t, m in lm]
-    rows.append(("seconds", [fmt(_get(r, "seconds")) for r in rs]))
+    lm = sorted({(t, m) for r in rs for t, v in (nested(r, "lm_eval") or {}).items() if isinstance(v, dict) for m in v})
+    rows += [(f"lm_eval {t} · {m}", [fmt(nested(r, "lm_eval", t, m)) for r in rs]) for t, m in lm]
+    rows.append(("seconds", [fmt(nested(r, "seconds")) for r in rs]))
     return rows
 
 
@@ -153,7 +145,8 @@ def _sub(a: float | None, b: float | None) -> float | None:
 def _adv_excess(r: Any) -> float | None:
     """Any-template accuracy minus what random guessing scores under the same union."""
     return _sub(
-        _num(_get(r, "adversarial", "any_template_accuracy")), _num(_get(r, "adversarial", "chance", "any_template"))
+        _num(nested(r, "adversarial", "any_template_accuracy")),
+        _num(nested(r, "adversarial", "chance", "any_template")),
     )
 
 
@@ -233,8 +226,8 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
     rings = [g for g in RINGS if any(_lp(r, g) is not None for r in ms.values())] or list(RINGS)
     bars = _bars(rings, {n: [_lp(r, g) for g in rings] for n, r in ms.items()}, colors, 1.0)
     out = [_svg("plot-rings", "Logprob accuracy per ring", bars, 0, 1, "accuracy", "ring", chance=True)]
-    base_ppl = _num(_get(ms.get("base"), "retention", "retain_heldout_ppl"))
-    pts = [(n, _lp(r, "target"), _num(_get(r, "retention", "retain_heldout_ppl"))) for n, r in ms.items()]
+    base_ppl = _num(nested(ms.get("base"), "retention", "retain_heldout_ppl"))
+    pts = [(n, _lp(r, "target"), _num(nested(r, "retention", "retain_heldout_ppl"))) for n, r in ms.items()]
     pts = [(n, x, y / base_ppl if base_ppl else y) for n, x, y in pts if x is not None and y is not None]
     ys = [y for *_, y in pts] or [1.0]
     lo, hi = min(ys) - 0.05 * (max(ys) - min(ys) or 1), max(ys) + 0.05 * (max(ys) - min(ys) or 1)
@@ -266,7 +259,7 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
     out.append(
         _svg("plot-relearning", "Relearning attack: target accuracy", lines, 0, 1, "target acc", "step", chance=True)
     )
-    react = {n: v for n, r in ms.items() if (v := _num(_get(r, "reactivation", "fraction"))) is not None}
+    react = {n: v for n, r in ms.items() if (v := _num(nested(r, "reactivation", "fraction"))) is not None}
     top = max([1.0, *react.values()])
     rbars = _bars(list(react), {"": list(react.values())}, colors, top, by_group=True)
     out.append(
@@ -281,7 +274,7 @@ def _generations(ms: dict[str, Any]) -> str:
         texts = {
             n: {
                 str(s.get("prompt")): str(s.get("text"))
-                for s in _get(r, "fluency", part, "samples") or []
+                for s in nested(r, "fluency", part, "samples") or []
                 if isinstance(s, dict)
             }
             for n, r in ms.items()
