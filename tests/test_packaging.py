@@ -65,3 +65,10 @@ def test_constraints_pin_every_runtime_dependency() -> None:
         name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
         assert name in pinned, f"{name} is a dependency but constraints.txt does not pin it"
         assert "==" not in requirement, f"{requirement}: dependencies are ranges; the exact pin is constraints.txt's"
+
+
+def test_the_package_reports_the_version_pyproject_declares() -> None:
+    import sae_unlearn
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert sae_unlearn.__version__ == declared
