@@ -54,11 +54,11 @@ class RmuConfig:
     """Steering coefficient in units of the median token norm (published: 6.5 at Zephyr's layer 7)."""
     coeff_texts: int = 64
     """Forget-train paragraphs whose tokens give the median norm."""
-    alpha: float = 10.0
+    alpha: float = 100.0
     """Retain weight on the published scale (both MSEs in the same units): 1200 for Zephyr-7B in the
     WMDP paper; Gemma-2-2B reproductions use about 1 or less. On the embedded model's tune split
-    (docs/baselines.md) alpha 10 brings target accuracy to 0.37 but doubles retain perplexity; alpha
-    100 keeps near/far and retain perplexity within +14% but leaves target accuracy at 0.63."""
+    (docs/baselines.md) alpha 100 keeps near/far and retain perplexity within +14% but leaves target
+    accuracy at 0.63; alpha 10 brings target accuracy to 0.37 but more than doubles retain perplexity."""
     lr: float = 1e-4
     """AdamW learning rate on a float32 master copy of the updated parameters (published 5e-5; 1e-4 is
     the evaluated setting, docs/baselines.md)."""
