@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ from sae_unlearn.methods.persistent import (
     AdapterTrainer,
     FrozenReference,
     default_lora_layers,
+    epoch_batch,
     hidden_at_layers,
     relative_mse,
     tokenize,
@@ -225,11 +225,7 @@ class _CrispLoss:
         self.frozen_coherence = FrozenReference(None)
 
     def _batch(self, texts: list[str], step: int, salt: int) -> list[str]:
-        per_epoch = len(texts) // self.cfg.batch_size
-        epoch, i = divmod(step, per_epoch)
-        order = list(range(len(texts)))
-        random.Random(self.cfg.seed * 1000 + salt * 100 + epoch).shuffle(order)
-        return [texts[j] for j in order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]]
+        return epoch_batch(texts, self.cfg.batch_size, self.cfg.seed, step, salt)
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, loaded = self.cfg, self.ctx.loaded

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import AdapterTrainer, Batch, hidden_at_layers, tokenize
+from sae_unlearn.methods.persistent import AdapterTrainer, Batch, epoch_batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 
 log = logging.getLogger(__name__)
@@ -163,11 +162,7 @@ class _NpoLoss:
         self.reference: dict[str, float] = {}
 
     def _batch(self, texts: list[str], step: int, salt: int) -> list[str]:
-        per_epoch = len(texts) // self.cfg.batch_size
-        epoch, i = divmod(step, per_epoch)
-        order = list(range(len(texts)))
-        random.Random(self.cfg.seed * 1000 + salt * 100 + epoch).shuffle(order)
-        return [texts[j] for j in order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]]
+        return epoch_batch(texts, self.cfg.batch_size, self.cfg.seed, step, salt)
 
     def _reference(self, model: Any, texts: list[str], batch: Batch) -> torch.Tensor:
         if not all(t in self.reference for t in texts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +28,18 @@ from sae_unlearn.models.hooks import (
 from sae_unlearn.runs import TrainLog
 
 log = logging.getLogger(__name__)
+
+
+def epoch_batch(texts: Sequence[str], batch_size: int, seed: int, step: int, salt: int) -> list[str]:
+    """Batch `step` of a seeded shuffle of `texts`, reshuffled every epoch; `salt` gives each stream
+    (forget, retain) its own order. Deterministic in (seed, salt, step), so a resumed run sees the same data."""
+    per_epoch = len(texts) // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(len(texts)))
+    random.Random(seed * 1000 + salt * 100 + epoch).shuffle(order)
+    return [texts[j] for j in order[i * batch_size : (i + 1) * batch_size]]
+
+
 LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 

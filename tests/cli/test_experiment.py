@@ -144,16 +144,6 @@ def test_compare_cli_checks_the_file_before_loading(tmp_path: Path, monkeypatch:
     assert result.exit_code == 2 and "steps must be an integer" in result.output
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path, tokenizer) -> Path:
-    from tests.conftest import tiny_model
-
-    root = tmp_path / "tiny-model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
 def test_results_json_reruns_the_same_experiment(
     model_dir: Path, sae_dir: Path, pack_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

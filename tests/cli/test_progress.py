@@ -67,16 +67,6 @@ def test_plan_lists_stages_with_estimates(capsys: pytest.CaptureFixture[str]) ->
     assert "demo: 2 stages, ~2:10 expected" in err and "1. load model  (~0:05)" in err and "2. train" in err
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path, tokenizer) -> Path:
-    from tests.conftest import tiny_model
-
-    root = tmp_path / "tiny-model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
-
-
 def test_features_command_logs_plain_stage_lines(
     model_dir: Path, sae_dir: Path, pack_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
