@@ -80,21 +80,26 @@ def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
         blocks.extend(saved[deepest + 1 :])
 
 
-def statistics_vs_bare(loaded: Any, saes: list[Any], ids: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
-    """(statistics seconds, bare truncated forward seconds, median ratio) for one batch, in the model's dtype."""
-    deepest = max(s.layer for s in saes)
+def statistics_pass(loaded: Any, saes: list[Any], ids: torch.Tensor) -> Callable[[], None]:
+    """One batch of what compute_stats does: encode the valid tokens at every SAE layer and accumulate."""
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     acc: dict[int, dict[str, Any]] = {
         s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes
     }
 
-    def stats_pass() -> None:  # what compute_stats does per batch
+    def stats_pass() -> None:
         for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
             acc[layer]["forget_tokens"] = 0
             _accumulate(acc[layer], "forget", latents)
 
+    return stats_pass
+
+
+def statistics_vs_bare(loaded: Any, saes: list[Any], ids: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
+    """(statistics seconds, bare truncated forward seconds, median ratio) for one batch, in the model's dtype."""
+    deepest = max(s.layer for s in saes)
     with torch.no_grad():
-        return paired(stats_pass, lambda: bare_truncated(loaded.model, ids, deepest), repeats)
+        return paired(statistics_pass(loaded, saes, ids), lambda: bare_truncated(loaded.model, ids, deepest), repeats)
 
 
 def dtype_rows(model: str, sae: str, ids: torch.Tensor, repeats: int) -> list[tuple[str, float, str]]:
@@ -161,15 +166,7 @@ def main() -> None:
         t_capture, t_bare, r_capture = paired(capture, bare)
         _, _, r_naive = paired(capture, lambda: loaded.model(input_ids=ids, output_hidden_states=True), 3)
 
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        acc: dict[int, dict[str, Any]] = {
-            s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes
-        }
-
-        def stats_pass() -> None:  # what compute_stats does per batch
-            for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
-                acc[layer]["forget_tokens"] = 0
-                _accumulate(acc[layer], "forget", latents)
+        stats_pass = statistics_pass(loaded, saes, ids)
 
         def original_stats() -> None:  # full forward with all hidden states, one SAE layer at a time
             for s in saes:

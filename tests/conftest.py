@@ -59,8 +59,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(with_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the test texts; with BOS prepended like the real tokenizers, or
+    without (GPT-2 / Qwen / SmolLM2: the first text token is the attention sink)."""
+    from tokenizers import processors
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -68,14 +71,18 @@ def tokenizer() -> PreTrainedTokenizerFast:
         vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(FORGET + RETAIN + ["Question: Answer: A. B. C. D."], trainer=trainer)
+    if not with_bos:
+        return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    # prepend BOS like the real tokenizers do
-    from tokenizers import processors
-
     tok._tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
     )
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer(with_bos=True)
 
 
 def tiny_model(family: str, vocab_size: int, n_layers: int = 4, seed: int = 0) -> Any:

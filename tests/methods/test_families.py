@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
@@ -22,7 +20,7 @@ from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
 from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.loading import load_saes
-from tests.conftest import FORGET, RETAIN, tiny_model
+from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model
 from tests.saes.synthetic import silence_feature, synthetic_sae
 
 N_LAYERS = 3
@@ -36,23 +34,6 @@ SILENT = 0  # a latent silenced in every SAE: it fires on no token
 FAST = EvalConfig(
     probe_split="all", adversarial=False, relearn=False, fluency_tokens=4, max_ppl_texts=2, max_probes_per_ring=1
 )
-
-
-def make_tokenizer(with_bos: bool) -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(FORGET + RETAIN + ["Question: Answer: A. B. C. D."], trainer=trainer)
-    if not with_bos:  # GPT-2 / Qwen / SmolLM2: no BOS, the first text token is the attention sink
-        return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)]
-    )
-    return tok
 
 
 def _setup(family: str, root: Path) -> tuple[LoadedModel, str]:
