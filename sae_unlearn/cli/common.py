@@ -21,8 +21,15 @@ from rich.table import Table
 
 from sae_unlearn.errors import UserError
 
-console = Console(stderr=True)
-stdout = Console()
+
+def _width(stream: Any) -> int | None:
+    """Rich's own width on a terminal or with $COLUMNS set; 160 columns in a file or pipe, where rich's
+    default of 80 would cut the results table's headers and figures."""
+    return None if stream.isatty() or "COLUMNS" in os.environ else 160
+
+
+console = Console(stderr=True, width=_width(sys.stderr))
+stdout = Console(width=_width(sys.stdout))
 F = TypeVar("F", bound=Callable[..., Any])
 
 MODEL_HELP = (
