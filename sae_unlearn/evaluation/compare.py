@@ -150,8 +150,9 @@ def compare(
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
-    from sae_unlearn.evaluation.report import render_compare_report
+    from sae_unlearn.evaluation.report import render_compare_report, summary_markdown
 
     results["verdicts"] = verdicts(results)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.html", render_compare_report(results))
+    atomic_write_text(out / "summary.md", summary_markdown(results))

@@ -16,9 +16,16 @@ from sae_unlearn.evaluation.goals import nested, verdicts
 from sae_unlearn.evaluation.scoring import SCORE_KINDS
 
 RINGS = ("target", "near", "mid", "far")
-METHOD_ORDER = ("base", "crisp", "clamp", "ablate", "rmu")
-COLORS = {"base": "#7f7f7f", "crisp": "#d62728", "clamp": "#1f77b4", "ablate": "#2ca02c", "rmu": "#9467bd"}
-EXTRA_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+METHOD_ORDER = ("base", "crisp", "clamp", "ablate", "rmu", "npo")
+COLORS = {
+    "base": "#7f7f7f",
+    "crisp": "#d62728",
+    "clamp": "#1f77b4",
+    "ablate": "#2ca02c",
+    "rmu": "#9467bd",
+    "npo": "#ff7f0e",
+}
+EXTRA_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
 CHANCE = 0.25
 DASH = "—"
 FLUENCY = ("base_ppl", "repeated_3gram_share", "distinct_2", "foreign_script_share")
@@ -336,3 +343,67 @@ def render_compare_report(results: dict[str, Any]) -> str:
         f"<h2>Plots</h2>{legend}{_plots(ms, colors)}<h2>Generations before/after</h2>{_generations(ms)}"
         "</body></html>"
     )
+
+
+def _relearn_cell(r: Any, attack: str, is_base: bool) -> str:
+    """`0.60 -> 0.90, recovery 0.75 (control +0.00)` for one attack of one method's relearning record."""
+    a = nested(r, "relearning", "attacks", attack)
+    curve = nested(a, "curve") or []
+    if not curve:
+        return DASH
+    first, last = _num(nested(curve[0], "target_acc")), _num(nested(curve[-1], "target_acc"))
+    cell = f"{fmt(first)} -> {fmt(last)}"
+    if not is_base and nested(r, "relearning", "gap", "defined") is not None:
+        recovery = _num(nested(a, "recovery"))
+        cell += f", recovery {fmt(recovery)}" if recovery is not None else ", recovery undefined (gap within noise)"
+    gain = _num(nested(a, "control", "gain"))
+    return cell + (f" (base control {gain:+.2f})" if gain is not None else "")
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The headline table of a compare run as Markdown (methods as columns): per-ring log-prob accuracy
+    with the paired difference against the base model and its 95% CI, perplexities, concept-prompt
+    fluency, the adversarial union above its chance level, and every relearning attack with its control."""
+    raw = results.get("methods") or {}
+    names = [n for n in METHOD_ORDER if n in raw] + [n for n in raw if n not in METHOD_ORDER]
+    rs = [raw[n] for n in names]
+    rows: list[tuple[str, list[str]]] = []
+    for ring in RINGS:
+        cells = []
+        for n, r in zip(names, rs, strict=True):
+            acc = _num(nested(r, "probes", "rings", ring, "logprob"))
+            diff = nested(r, "paired", "rings", ring, "logprob")
+            shown = DASH if acc is None else f"{acc:.3f}"
+            cells.append(shown if n == "base" or not diff else f"{shown} ({_diff_cell(diff)})")
+        rows.append((f"{ring} accuracy", cells))
+    rows += [
+        ("retain perplexity", [fmt(nested(r, "retention", "retain_heldout_ppl")) for r in rs]),
+        ("generic perplexity", [fmt(nested(r, "retention", "generic_ppl")) for r in rs]),
+        (
+            "concept-prompt generations, base-model ppl",
+            [fmt(nested(r, "fluency", "forget_prompts", "base_ppl")) for r in rs],
+        ),
+        (
+            "concept-prompt repeated 3-grams",
+            [fmt(nested(r, "fluency", "forget_prompts", "repeated_3gram_share")) for r in rs],
+        ),
+        ("adversarial any-template accuracy above chance", [fmt(_adv_excess(r)) for r in rs]),
+    ]
+    attacks = sorted({a for r in rs for a in nested(r, "relearning", "attacks") or {}})
+    rows += [
+        (
+            f"relearning `{a}`: target acc step 0 -> last",
+            [_relearn_cell(r, a, n == "base") for n, r in zip(names, rs, strict=True)],
+        )
+        for a in attacks
+    ]
+    head = ["", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows]
+    chance = fmt(nested(rs[0], "probes", "rings", "target", "chance")) if rs else DASH
+    n_probes = {ring: nested(rs[0], "probes", "rings", ring, "logprob", "n") for ring in RINGS} if rs else {}
+    note = (
+        f"Log-probability accuracy (chance {chance}); in brackets the paired difference against the base model "
+        f"and its 95% bootstrap CI. Probes per ring: {', '.join(f'{k} {v}' for k, v in n_probes.items())}."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"

@@ -9,7 +9,7 @@ import pytest
 
 from sae_unlearn.evaluation.compare import GOALS as COMPARE_GOALS
 from sae_unlearn.evaluation.goals import paired_rings
-from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report
+from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report, summary_markdown
 
 EVIL = "<b>& it"
 GOALS = {**COMPARE_GOALS, "custom_goal": 3}
@@ -176,3 +176,30 @@ def test_empty_and_fmt() -> None:
     assert "—" in page and page.count("<svg") == 4
     assert fmt(None) == "—" and fmt(math.nan) == "—" and fmt(0.123456) == "0.123" and fmt(1234.5) == "1234"
     assert fmt(20) == "20"
+
+
+def test_summary_markdown(results: dict) -> None:
+    crisp = results["methods"]["crisp"]
+    crisp["relearning"] = {
+        "gap": {"defined": True},
+        "attacks": {
+            "lora_r16": {
+                "curve": [{"step": 0, "target_acc": 0.3}, {"step": 10, "target_acc": 0.6}],
+                "recovery": 0.5,
+                "control": {"gain": 0.02},
+            }
+        },
+    }
+    lines = summary_markdown(results).splitlines()
+    assert lines[0] == "|  | base | crisp | clamp |"
+    target = next(line for line in lines if line.startswith("| target accuracy"))
+    cells = [c.strip() for c in target.strip("|").split("|")]
+    diff = crisp["paired"]["rings"]["target"]["logprob"]
+    lo, hi = diff["ci95"]
+    assert cells[1] == "0.900"  # the base column: accuracy only
+    assert cells[2] == f"0.300 ({diff['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}])"
+    assert diff["diff"] == pytest.approx(-0.6)
+    attack = next(line for line in lines if "`lora_r16`" in line)
+    assert "0.3 -> 0.6, recovery 0.5 (base control +0.02)" in attack
+    assert attack.rstrip(" |").endswith("—")  # clamp ran no attack
+    assert "target 40" in lines[-1]
