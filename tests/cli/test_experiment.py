@@ -24,7 +24,8 @@ FAST_EVAL = {
     "fluency_tokens": 20,
     "robustness_for": ["crisp"],
 }
-FAST_METHODS = {"crisp": {"steps": 40, "max_length": 64}, "rmu": {"steps": 20}}
+FAST_METHODS = {"crisp": {"steps": 40, "max_length": 64}, "rmu": {"steps": 20}, "npo": {"steps": 10}}
+DEMO_METHODS = ["crisp", "clamp", "ablate", "rmu", "npo"]
 
 
 def _expected(**kw) -> CompareConfig:
@@ -47,14 +48,16 @@ def _expected(**kw) -> CompareConfig:
         (
             ("demo", "demo", False),
             _expected(
+                methods=DEMO_METHODS,
                 max_length=128,
                 method_options={"clamp": SHIPPED_CLAMP},
-                eval=EvalConfig(robustness_for=["base", "crisp", "clamp", "rmu"]),
+                eval=EvalConfig(robustness_for=["base", *DEMO_METHODS]),
             ),
         ),
         (
             ("demo", "demo-fast", False),
             _expected(
+                methods=DEMO_METHODS,
                 max_length=128,
                 examples_from=64,
                 method_options={"clamp": SHIPPED_CLAMP, **FAST_METHODS},

@@ -102,10 +102,11 @@ def test_demo_fast_end_to_end(cache_env, tmp_path: Path) -> None:
     assert (out / "report.html").exists() and (out / "features" / "report.html").exists()
     results = json.loads((out / "results.json").read_text())
     acc = {name: r["probes"]["rings"]["target"]["logprob"]["acc"] for name, r in results["methods"].items()}
-    assert set(acc) == {"base", "crisp", "clamp", "ablate", "rmu"}
+    assert set(acc) == {"base", "crisp", "clamp", "ablate", "rmu", "npo"}
     assert acc["crisp"] < acc["base"]
     # output to a pipe: the stage plan and plain stage lines, and results.json holds the experiment that re-runs it
-    assert "demo: 11 stages" in res.stderr and "[4/11] unlearn crisp · started" in res.stderr
+    assert "demo: 13 stages" in res.stderr and "[4/13] unlearn crisp · started" in res.stderr
+    assert (out / "summary.md").read_text().startswith("|  | base | crisp | clamp | ablate | rmu | npo |")
     from sae_unlearn.evaluation.experiment import load_experiment
 
     assert results["experiment"] == load_experiment("demo-fast").to_dict()
