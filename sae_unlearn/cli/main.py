@@ -17,8 +17,64 @@ __all__ = ["app"]
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    setup_logging(verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="load the model across the visible GPUs (and CPU/disk offload) with accelerate's big-model "
+            "loading: auto, balanced, balanced_low_0 or sequential (docs/gpu.md)"
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    ] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help="with --device-map: where disk-offloaded weights go (default: the cache)")
+    ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="run data-parallel in N processes (one per GPU; gloo on CPUs) through accelerate launch: "
+            "feature statistics, CRISP/NPO/RMU and SAE training split each global batch"
+        ),
+    ] = 1,
+) -> None:
+    from sae_unlearn.distributed import launched, world
+    from sae_unlearn.models.loading import Placement, parse_max_memory, set_placement
+
+    setup_logging(verbose, quiet=launched() and not world().is_main)
+    if processes > 1 and not launched():
+        raise typer.Exit(relaunch(processes))
+    if max_memory is not None and device_map is None:
+        raise UserError("--max-memory applies with --device-map", "add --device-map auto")
+    set_placement(Placement(device_map, parse_max_memory(max_memory), str(offload_folder) if offload_folder else None))
+
+
+def relaunch(processes: int) -> int:
+    """Run this command line again under `accelerate launch` in `processes` processes (one per GPU when
+    there are enough, else gloo on the CPU); its exit status."""
+    import subprocess
+    import sys
+
+    import torch
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            args.append(arg)
+    gpus = torch.cuda.device_count()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if gpus < processes:
+        launch.append("--cpu")
+    else:
+        launch.append("--multi_gpu")
+    return subprocess.call([*launch, "-m", "sae_unlearn.cli", *args])
 
 
 @app.command()

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_save_safetensors, cache_dir, hash_json, sha256_file
 from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
@@ -197,26 +198,48 @@ def compute_stats(
         raise UserError("the retain corpus is empty", "give the concept pack a retain file with text")
     key = stats_key(loaded, saes, forget, retain, max_length)
     path = cache_dir() / "features" / f"{key}.safetensors"
-    if use_cache and path.exists():
+    ranks = world()
+    if use_cache and ranks.broadcast(path.exists()):  # data-parallel: the main rank's cache decides
         log.info("reusing cached feature statistics %s", path.name)
-        return load_stats(path)
+        cached = ranks.broadcast(load_stats(path) if ranks.is_main else None)
+        assert cached is not None
+        return cached
     acc: dict[int, dict[str, Any]] = {}
     for s in saes:
         zeros = torch.zeros(s.d_sae)
         acc[s.layer] = {f"{side}_{kind}": zeros.clone() for side in SIDES for kind in ("count", "sum", "max")}
         acc[s.layer].update(forget_tokens=0, retain_tokens=0)
-    total = len(forget) + len(retain)
+    # data-parallel: each rank reads a contiguous share of each corpus, then the sums are reduced
+    shares = {"forget": ranks.shard(forget), "retain": ranks.shard(retain)}
+    total = len(shares["forget"]) + len(shares["retain"])
     done = 0
-    for side, texts in (("forget", forget), ("retain", retain)):
-        for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
+    for side in SIDES:
+        for batch in iter_batches(shares[side], loaded.tokenizer, batch_size, max_length):
             for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
                 _accumulate(acc[layer], side, latents)
             done += batch["input_ids"].shape[0]
-            if progress is not None:
+            if progress is not None and ranks.is_main:
                 progress(done, total)
-    stats = {layer: LayerStats(layer=layer, **a) for layer, a in acc.items()}
-    save_stats(path, stats)
+    stats = {layer: LayerStats(layer=layer, **reduce_across_ranks(a)) for layer, a in acc.items()}
+    if ranks.is_main:
+        save_stats(path, stats)
     return stats
+
+
+def reduce_across_ranks(acc: dict[str, Any]) -> dict[str, Any]:
+    """One layer's accumulators summed over the data-parallel ranks (maxima: maximum); identity on one."""
+    ranks = world()
+    if not ranks.active:
+        return acc
+    out: dict[str, Any] = {}
+    for name, value in acc.items():
+        if name.endswith("_tokens"):
+            out[name] = int(ranks.sum(torch.tensor(float(value), dtype=torch.float64)))
+        elif name.endswith("_max"):
+            out[name] = ranks.max(value)
+        else:
+            out[name] = ranks.sum(value)
+    return out
 
 
 def save_stats(path: Path, stats: dict[int, LayerStats]) -> None:
