@@ -2,8 +2,8 @@
 compared with: `python -m tests.distributed_worker OUT`, with WORLD_SIZE/RANK/MASTER_* set for a rank.
 
 Builds the tiny model, SAEs and pack of tests/conftest.py, computes feature statistics and trains CRISP
-(both objectives, the KL term on), NPO and RMU for a few steps on a global batch of 4, and (on the main
-rank) writes what the ranks must agree on into OUT/result.safetensors.
+(both objectives, the KL term on), NPO and RMU for a few steps on a global batch of 4, trains TopK SAEs on
+two layers, and (on the main rank) writes what the ranks must agree on into OUT/result.safetensors.
 """
 
 from __future__ import annotations
@@ -62,6 +62,29 @@ def run(out: Path) -> None:
     run = unlearn("rmu", loaded, pack, work / "rmu", options=rmu)
     if ranks.is_main:
         result.update({f"rmu.{k}": v for k, v in load_file(str(run / "rmu_weights.safetensors")).items()})
+
+    from sae_unlearn.saes.training import SAETrainer, SAETrainingConfig
+
+    # model batches of 3 sequences (uneven shares), dead latents early so the aux-k term trains too
+    cfg = SAETrainingConfig(
+        layers=[1, 2],
+        expansion=2,
+        k=4,
+        model_batch=3,
+        context_size=16,
+        sae_batch_tokens=32,
+        buffer_tokens=64,
+        norm_estimate_tokens=64,
+        dead_after_tokens=40,
+        checkpoint_every=0,
+    )
+    trainer = SAETrainer(loaded, cfg, (RETAIN + FORGET) * 2, work / "sae", "tiny")
+    trainer.train()
+    result["sae.steps"] = torch.tensor([trainer.state.step, trainer.state.tokens_trained])
+    for layer, sae in trainer.saes.items():
+        result.update({f"sae.L{layer}.{k}": v.detach().clone() for k, v in sae.state_dict().items()})
+        result[f"sae.L{layer}.since_fired"] = trainer.since_fired[layer]
+    if ranks.is_main:
         save_file({k: v.contiguous() for k, v in result.items()}, str(out / "result.safetensors"))
     ranks.barrier()
 
