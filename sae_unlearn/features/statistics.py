@@ -142,7 +142,7 @@ def encode_valid_tokens(
 def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
     if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
         values, ids = latents
-        v, i = values.flatten().float().cpu(), ids.flatten().cpu()
+        v, i = values.flatten().float(), ids.flatten()
         n_tokens = values.shape[0]
         acc[f"{side}_count"] += torch.bincount(i[v > 0], minlength=len(acc[f"{side}_count"]))
         acc[f"{side}_sum"].index_add_(0, i, v)
@@ -151,7 +151,7 @@ def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
         n_tokens = latents[0].shape[0] if latents else 0
         start = 0
         for block in latents:
-            z = block.float().cpu()
+            z = block.float()
             cols = slice(start, start + z.shape[1])
             acc[f"{side}_count"][cols] += (z > 0).sum(0)
             acc[f"{side}_sum"][cols] += z.sum(0)
@@ -206,7 +206,7 @@ def compute_stats(
         return cached
     acc: dict[int, dict[str, Any]] = {}
     for s in saes:
-        zeros = torch.zeros(s.d_sae)
+        zeros = torch.zeros(s.d_sae, device=loaded.device)  # on the GPU: no per-batch copies to the host
         acc[s.layer] = {f"{side}_{kind}": zeros.clone() for side in SIDES for kind in ("count", "sum", "max")}
         acc[s.layer].update(forget_tokens=0, retain_tokens=0)
     # data-parallel: each rank reads a contiguous share of each corpus, then the sums are reduced
@@ -220,10 +220,14 @@ def compute_stats(
             done += batch["input_ids"].shape[0]
             if progress is not None and ranks.is_main:
                 progress(done, total)
-    stats = {layer: LayerStats(layer=layer, **reduce_across_ranks(a)) for layer, a in acc.items()}
+    stats = {layer: LayerStats(layer=layer, **_to_cpu(reduce_across_ranks(a))) for layer, a in acc.items()}
     if ranks.is_main:
         save_stats(path, stats)
     return stats
+
+
+def _to_cpu(acc: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in acc.items()}
 
 
 def reduce_across_ranks(acc: dict[str, Any]) -> dict[str, Any]:
