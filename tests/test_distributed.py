@@ -101,3 +101,27 @@ def test_shards_cover_the_batch_in_order(n: int, size: int, monkeypatch: pytest.
         parts.append(ranks.shard(list(range(n))))
     assert [x for part in parts for x in part] == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_processes_option_relaunches_under_accelerate(tmp_path: Path) -> None:
+    """`sae-unlearn --processes 2 features ...` runs two ranks through accelerate launch (gloo here)."""
+    from tests.conftest import make_tokenizer, tiny_model, tiny_sae, write_pack
+
+    tokenizer = make_tokenizer()
+    tiny_model("llama", len(tokenizer)).save_pretrained(str(tmp_path / "model"))
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    for layer in (1, 2):
+        tiny_sae(layer, seed=layer).save_model(str(tmp_path / "saes" / f"blocks.{layer}.hook_resid_post"))
+    write_pack(tmp_path / "pack")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SAE_UNLEARN_CACHE": str(tmp_path / "c")}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    env["MASTER_PORT"] = str(_free_port())
+    command = [sys.executable, "-m", "sae_unlearn.cli", "--processes", "2", "features", "--device", "cpu"]
+    command += ["--model", str(tmp_path / "model"), "--sae", str(tmp_path / "saes"), "--concept"]
+    command += [str(tmp_path / "pack"), "--out", str(tmp_path / "out"), "--k", "4", "--set", "min_ratio=0"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel: 2 processes" in done.stderr
+    assert (tmp_path / "out" / "features.json").exists()
+    assert done.stdout.count("wrote") == 1  # the other rank prints nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,10 @@ def main(
     from sae_unlearn.models.loading import Placement, parse_max_memory, set_placement
 
     setup_logging(verbose, quiet=launched() and not world().is_main)
+    if launched() and world().is_main:
+        logging.getLogger("sae_unlearn").info("data-parallel: %d processes", world().size)
+    elif launched():  # the other ranks: the main rank prints the tables and paths
+        stdout.quiet = True
     if processes > 1 and not launched():
         raise typer.Exit(relaunch(processes))
     if max_memory is not None and device_map is None:
@@ -51,9 +56,18 @@ def main(
     set_placement(Placement(device_map, parse_max_memory(max_memory), str(offload_folder) if offload_folder else None))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def relaunch(processes: int) -> int:
     """Run this command line again under `accelerate launch` in `processes` processes (one per GPU when
     there are enough, else gloo on the CPU); its exit status."""
+    import os
     import subprocess
     import sys
 
@@ -67,14 +81,15 @@ def relaunch(processes: int) -> int:
             skip = True
         elif not arg.startswith("--processes="):
             args.append(arg)
-    gpus = torch.cuda.device_count()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    # --multi_gpu is accelerate's torchrun-style launcher (one process per rank, RANK/WORLD_SIZE set); its
+    # --cpu runs a single process. With fewer GPUs than processes, ACCELERATE_USE_CPU makes the ranks gloo.
+    env = dict(os.environ)
+    if torch.cuda.device_count() < processes:
+        env["ACCELERATE_USE_CPU"] = "true"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if gpus < processes:
-        launch.append("--cpu")
-    else:
-        launch.append("--multi_gpu")
-    return subprocess.call([*launch, "-m", "sae_unlearn.cli", *args])
+    launch += ["--main_process_port", env.get("MASTER_PORT") or str(_free_port())]  # two runs side by side
+    return subprocess.call([*launch, "-m", "sae_unlearn.cli", *args], env=env)
 
 
 @app.command()
