@@ -96,6 +96,11 @@ def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
         blocks.extend(saved[deepest + 1 :])
 
 
+def in_vocab(ids: torch.Tensor, loaded: Any) -> torch.Tensor:
+    """Random token ids folded into a small test model's vocabulary (real models: unchanged)."""
+    return ids % int(loaded.model.config.get_text_config().vocab_size)
+
+
 def statistics_pass(loaded: Any, saes: list[Any], ids: torch.Tensor) -> Callable[[], None]:
     """One batch of what compute_stats does: encode the valid tokens at every SAE layer and accumulate."""
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -130,7 +135,7 @@ def dtype_rows(
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(model, dtype=dtype, device=device)
         saes = load_saes_for(loaded, sae)
-        t_stats, t_bare, ratio = statistics_vs_bare(loaded, saes, ids.to(loaded.device), repeats)
+        t_stats, t_bare, ratio = statistics_vs_bare(loaded, saes, in_vocab(ids, loaded).to(loaded.device), repeats)
         stats_seconds[dtype] = t_stats
         print(
             f"{dtype}: statistics {ids.numel() / t_stats:.0f} tok/s, bare truncated forward {ids.numel() / t_bare:.0f}"
@@ -173,7 +178,7 @@ def main() -> None:
     layers = [s.layer for s in saes]
     deepest = max(layers)
     torch.manual_seed(0)
-    ids = torch.randint(1000, 20000, (args.batch, args.seq)).to(loaded.device)
+    ids = in_vocab(torch.randint(1000, 20000, (args.batch, args.seq)), loaded).to(loaded.device)
     n_tok = ids.numel()
     rows: list[tuple[str, float, str]] = []
 
