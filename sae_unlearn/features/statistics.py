@@ -236,9 +236,10 @@ def reduce_across_ranks(acc: dict[str, Any]) -> dict[str, Any]:
     if not ranks.active:
         return acc
     out: dict[str, Any] = {}
+    device = next(v.device for v in acc.values() if isinstance(v, torch.Tensor))  # NCCL reduces GPU tensors only
     for name, value in acc.items():
         if name.endswith("_tokens"):
-            out[name] = int(ranks.sum(torch.tensor(float(value), dtype=torch.float64)))
+            out[name] = int(ranks.sum(torch.tensor(float(value), dtype=torch.float64, device=device)))
         elif name.endswith("_max"):
             out[name] = ranks.max(value)
         else:
