@@ -398,6 +398,7 @@ def load_model(
         model = model.to(torch_device)
     else:
         log.info("device map: %s", _summarise_map(model.hf_device_map))
+        _body_outputs_on_input_device(model)
     model = model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
@@ -406,6 +407,17 @@ def load_model(
         spec, source = f"{spec}@{revision}", f"{source}@{revision}"
     log.info("compute dtype %s (%s)", compute.name, compute.reason)
     return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start, compute)
+
+
+def _body_outputs_on_input_device(model: Any) -> None:
+    """The pipeline calls the decoder body directly (captures, scoring, generation without logits over the
+    whole sequence); accelerate returns only the whole model's outputs on the input device, so the body's
+    last_hidden_state would stay on the last block's GPU. An io_same_device hook on the body brings it back."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from sae_unlearn.models.hooks import decoder_body
+
+    add_hook_to_module(decoder_body(model), AlignDevicesHook(io_same_device=True), append=True)
 
 
 def _summarise_map(device_map: dict[str, Any]) -> str:

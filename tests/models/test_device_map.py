@@ -57,6 +57,12 @@ def test_offloaded_model_gives_the_same_logits_statistics_and_edits(model_dir: P
         for name, value in a[layer].tensors().items():
             torch.testing.assert_close(b[layer].tensors()[name], value, msg=name)
 
+    # greedy generation (the body called directly, the lm_head on the last token) as on the whole model
+    from sae_unlearn.models.generation import generate
+
+    prompts = ["The wizard Zorbo", "The farmer Anna"]
+    assert generate(split.model, split.tokenizer, prompts, 6) == generate(whole.model, whole.tokenizer, prompts, 6)
+
     # an SAE edit on an offloaded block (layer 3 lives on disk)
     edit = Intervention("ablate", "m", "tiny", [LayerEdit(3, list(range(64)), "scale", scale=-2.0)])
     with torch.no_grad():
