@@ -129,8 +129,9 @@ class FrozenReference:
 def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers).
 
-    Data-parallel, this rank's share of the global value: its summed error over the global mean of the
-    reference's squared norm and the global token count (`sae_unlearn.distributed`); the shares sum to it."""
+    `b` is the reference (a frozen state or target: no gradient reaches it). Data-parallel, this rank's
+    share of the global value: its summed error over the global mean of the reference's squared norm and
+    the global token count (`sae_unlearn.distributed`); the shares sum to it."""
     a, b = a.float()[valid], b.float()[valid]
     ranks = world()
     n = ranks.global_count(valid.sum(), a.device)
