@@ -622,7 +622,7 @@ class SAETrainer:
             if self.state.step % 20 == 0:
                 metrics["tokens_per_s"] = self.state.tokens_trained / max(1e-9, time.perf_counter() - start)
                 self.state.history.append({"step": self.state.step, **metrics})
-            if progress is not None:
+            if progress is not None and world().is_main:
                 progress(self.state.sequences_done, self.total_sequences, metrics)
         self.loop_seconds = time.perf_counter() - start
         log.info(
