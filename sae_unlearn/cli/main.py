@@ -82,9 +82,13 @@ def relaunch(processes: int) -> int:
         elif not arg.startswith("--processes="):
             args.append(arg)
     # --multi_gpu is accelerate's torchrun-style launcher (one process per rank, RANK/WORLD_SIZE set); its
-    # --cpu runs a single process. With fewer GPUs than processes, ACCELERATE_USE_CPU makes the ranks gloo.
+    # --cpu runs a single process. With --device cpu, or fewer GPUs than processes, ACCELERATE_USE_CPU makes
+    # the ranks gloo.
     env = dict(os.environ)
-    if torch.cuda.device_count() < processes:
+    on_cpu = any(
+        a == "--device=cpu" or (a == "--device" and b == "cpu") for a, b in zip(args, [*args[1:], ""], strict=True)
+    )
+    if on_cpu or torch.cuda.device_count() < processes:
         env["ACCELERATE_USE_CPU"] = "true"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
