@@ -17,11 +17,17 @@ Prints, with the targets from the issues:
   without bfloat16 instructions the bfloat16 row shows why `auto` computes in float32 there (issue 12).
 
     python benchmarks/bench_pipeline.py --rows dtype     # only the dtype rows
+    python benchmarks/bench_pipeline.py --device cuda --json OUT/bench.json   # on a GPU (scripts/gpu_check.sh)
+
+On a GPU (`--device cuda`, compute dtype `auto`: bfloat16 where supported) the trainer's step uses plain
+dense ops; the row "SAE step, CSR backward vs dense ops" says whether the CPU's sparse backward would pay
+there. Timings synchronise the GPU before reading the clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,13 +42,21 @@ from sae_unlearn.models.hooks import capture_resid_post, decoder_blocks
 from sae_unlearn.saes import load_saes_for
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so the clock reads finished work (nothing on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
     """Fastest of `repeats` runs after a warm-up: the least disturbed by whatever else the machine does."""
     fn()
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -64,8 +78,10 @@ def paired(fn: Callable[[], Any], baseline: Callable[[], Any], repeats: int = 5)
 
 def seconds(fn: Callable[[], Any]) -> float:
     """One run, no warm-up: for runs long enough that one more would only cost time."""
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -80,11 +96,17 @@ def bare_truncated(model: Any, ids: torch.Tensor, deepest: int) -> None:
         blocks.extend(saved[deepest + 1 :])
 
 
+def in_vocab(ids: torch.Tensor, loaded: Any) -> torch.Tensor:
+    """Random token ids folded into a small test model's vocabulary (real models: unchanged)."""
+    return ids % int(loaded.model.config.get_text_config().vocab_size)
+
+
 def statistics_pass(loaded: Any, saes: list[Any], ids: torch.Tensor) -> Callable[[], None]:
     """One batch of what compute_stats does: encode the valid tokens at every SAE layer and accumulate."""
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     acc: dict[int, dict[str, Any]] = {
-        s.layer: {f"forget_{kind}": torch.zeros(s.d_sae) for kind in ("count", "sum", "max")} for s in saes
+        s.layer: {f"forget_{kind}": torch.zeros(s.d_sae, device=loaded.device) for kind in ("count", "sum", "max")}
+        for s in saes
     }
 
     def stats_pass() -> None:
@@ -102,25 +124,28 @@ def statistics_vs_bare(loaded: Any, saes: list[Any], ids: torch.Tensor, repeats:
         return paired(statistics_pass(loaded, saes, ids), lambda: bare_truncated(loaded.model, ids, deepest), repeats)
 
 
-def dtype_rows(model: str, sae: str, ids: torch.Tensor, repeats: int) -> list[tuple[str, float, str]]:
+def dtype_rows(
+    model: str, sae: str, ids: torch.Tensor, repeats: int, device: str = "cpu"
+) -> list[tuple[str, float, str]]:
     """Statistics vs bare forward with model and SAEs in float32, then in bfloat16 (each loaded as a run with
     --dtype would be), and the bfloat16 statistics' time over float32's."""
     from sae_unlearn.models.loading import cpu_supports_bf16
 
     rows, stats_seconds = [], {}
     for dtype in ("float32", "bfloat16"):
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, device=device)
         saes = load_saes_for(loaded, sae)
-        t_stats, t_bare, ratio = statistics_vs_bare(loaded, saes, ids, repeats)
+        t_stats, t_bare, ratio = statistics_vs_bare(loaded, saes, in_vocab(ids, loaded).to(loaded.device), repeats)
         stats_seconds[dtype] = t_stats
         print(
             f"{dtype}: statistics {ids.numel() / t_stats:.0f} tok/s, bare truncated forward {ids.numel() / t_bare:.0f}"
         )
         rows.append((f"feature statistics vs bare truncated forward, {dtype}", 1 / ratio, ">= 0.85"))
     bf16 = "with" if cpu_supports_bf16() else "WITHOUT"
+    where = "GPU" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "CPU"
     rows.append(
         (
-            f"bfloat16 statistics time / float32's (CPU {bf16} bf16 instr.)",
+            f"bfloat16 statistics time / float32's ({where}" + (")" if where == "GPU" else f" {bf16} bf16 instr.)"),
             stats_seconds["bfloat16"] / stats_seconds["float32"],
             "info",
         )
@@ -136,21 +161,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rows", choices=["all", "dtype"], default="all", help="dtype: only the dtype rows")
     parser.add_argument("--repeats", type=int, default=5, help="paired rounds per ratio")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (compute dtype: auto for the device)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and figures to this file")
     args = parser.parse_args()
     if args.rows == "dtype":
         torch.manual_seed(0)
         ids = torch.randint(1000, 20000, (args.batch, args.seq))
-        rows = dtype_rows(args.model, args.sae, ids, args.repeats)
+        rows = dtype_rows(args.model, args.sae, ids, args.repeats, args.device)
         print(f"model {args.model}, {ids.numel()} tokens per batch, {torch.get_num_threads()} threads")
         for name, ratio, target in rows:
             print(f"{name:62s} {ratio:8.2f}  {target}")
+        write_json(args, rows, {})
         return
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     saes = load_saes_for(loaded, args.sae)
     layers = [s.layer for s in saes]
     deepest = max(layers)
     torch.manual_seed(0)
-    ids = torch.randint(1000, 20000, (args.batch, args.seq))
+    ids = in_vocab(torch.randint(1000, 20000, (args.batch, args.seq)), loaded).to(loaded.device)
     n_tok = ids.numel()
     rows: list[tuple[str, float, str]] = []
 
@@ -195,21 +223,24 @@ def main() -> None:
     )
 
     cfg = SAETrainingConfig(layers=layers, expansion=saes[0].d_sae // loaded.d_model, k=int(saes[0].sae.cfg.k))
-    train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}
+    device = str(loaded.device)
+    train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}
     params = {layer: trainable_parameters(s) for layer, s in train_saes.items()}
     opts = {layer: new_optimizer(p, 1e-4) for layer, p in params.items()}
-    lens_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench") for layer in layers}  # plain W_enc
+    lens_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}  # plain W_enc
     lens_opts = {layer: new_optimizer(dict(s.named_parameters()), 1e-4) for layer, s in lens_saes.items()}
-    dead = torch.rand(saes[0].d_sae, generator=torch.Generator().manual_seed(0)) < 0.1
+    dead = (torch.rand(saes[0].d_sae, generator=torch.Generator().manual_seed(0)) < 0.1).to(loaded.device)
 
-    def sae_step(ours: bool) -> None:
+    def sae_step(ours: bool, sparse_backward: bool | None = None) -> None:
         with torch.no_grad():
             acts = capture_resid_post(loaded.model, ids, None, layers)
         for layer in layers:
             x = acts[layer].flatten(0, 1).float()
             if ours:
                 sae, opt = train_saes[layer], opts[layer]
-                mse, aux, _, _ = topk_training_losses(sae, x, dead, torch.bfloat16, params[layer]["W_enc_rows"])
+                mse, aux, _, _ = topk_training_losses(
+                    sae, x, dead, torch.bfloat16, params[layer]["W_enc_rows"], sparse_backward
+                )
                 loss = mse + aux
             else:
                 sae, opt = lens_saes[layer], lens_opts[layer]
@@ -222,6 +253,11 @@ def main() -> None:
     _, _, r_sae_lens = paired(lambda: sae_step(True), lambda: sae_step(False), 2)
     rows.append(("SAE training (all layers) cost vs forward alone", r_sae, "<= 1.5"))
     rows.append(("SAE training speed-up over SAELens training_forward_pass", 1 / r_sae_lens, "> 1"))
+    try:  # the CPU's sparse backward vs the plain dense ops, on this device (< 1: sparse is faster)
+        _, _, r_csr = paired(lambda: sae_step(True, True), lambda: sae_step(True, False), 3)
+        rows.append(("SAE step, CSR backward vs dense ops (time ratio)", r_csr, "info"))
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"CSR backward on {device}: {type(e).__name__}: {str(e).splitlines()[0]}")
 
     # the grouped top-k of the trainer and the statistics vs torch.topk, on real encoder pre-activations
     from sae_unlearn.saes.loading import pre_activations
@@ -330,14 +366,42 @@ def main() -> None:
     print(f"{'measure':58s} {'ratio':>8s}  target")
     for name, ratio, target in rows:
         print(f"{name:58s} {ratio:8.2f}  {target}")
+    absolute = {
+        "bare_truncated_forward_tok_s": n_tok / t_bare,
+        "capture_tok_s": n_tok / t_capture,
+        "statistics_tok_s": n_tok / t_stats,
+        "sae_training_tok_s": n_tok / t_sae,
+        "crisp_step_s": t_crisp,
+        "crisp_step_cached_s": t_crisp_cached,
+        "lora_lm_step_s": t_lm,
+        "crisp_tokens": n_train,
+    }
     print(
         f"absolute: bare truncated forward {n_tok / t_bare:.0f} tok/s, capture {n_tok / t_capture:.0f} tok/s, "
         f"statistics {n_tok / t_stats:.0f} tok/s, SAE training {n_tok / t_sae:.0f} tok/s; CRISP step "
         f"{t_crisp:.2f} s ({t_crisp_cached:.2f} s reusing frozen states) vs LoRA LM step {t_lm:.2f} s "
         f"on {n_train} tokens"
     )
-    for name, ratio, target in dtype_rows(args.model, args.sae, ids, 5):
+    dtype = dtype_rows(args.model, args.sae, ids.cpu(), 5, args.device)
+    for name, ratio, target in dtype:
         print(f"{name:58s} {ratio:8.2f}  {target}")
+    write_json(args, rows + dtype, absolute)
+
+
+def write_json(args: argparse.Namespace, rows: list[tuple[str, float, str]], absolute: dict[str, float]) -> None:
+    if args.json is None:
+        return
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    record = {
+        "model": args.model,
+        "device": device,
+        "tokens_per_batch": args.batch * args.seq,
+        "threads": torch.get_num_threads(),
+        "rows": [{"measure": name, "ratio": ratio, "target": target} for name, ratio, target in rows],
+        "absolute": absolute,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

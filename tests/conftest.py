@@ -176,3 +176,13 @@ def _private_cache(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: 
     """Unit tests get an empty cache each; integration tests keep the shared one (converted models)."""
     if request.node.get_closest_marker("integration") is None:
         monkeypatch.setenv("SAE_UNLEARN_CACHE", str(tmp_path / "cache"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu`-marked tests skip where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

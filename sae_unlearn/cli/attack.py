@@ -73,7 +73,7 @@ def attack(
     no_control: Annotated[bool, typer.Option("--no-control", help="skip the base-model control (not advised)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
     dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Relearning attacks that measure what a run left in the weights (Deeb & Roger 2024 protocol)."""
     from sae_unlearn.concepts.pack import load_pack

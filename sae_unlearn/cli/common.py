@@ -49,8 +49,9 @@ NOISY_WARNINGS: list[tuple[type[Warning], str]] = [
 ]
 
 
-def setup_logging(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """`quiet`: warnings only (the other ranks of a data-parallel run: the main rank reports)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     if console.is_terminal:
         handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,8 +18,82 @@ __all__ = ["app"]
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
-    setup_logging(verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="load the model across the visible GPUs (and CPU/disk offload) with accelerate's big-model "
+            "loading: auto, balanced, balanced_low_0 or sequential (docs/gpu.md)"
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None, typer.Option(help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    ] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help="with --device-map: where disk-offloaded weights go (default: the cache)")
+    ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="run data-parallel in N processes (one per GPU; gloo on CPUs) through accelerate launch: "
+            "feature statistics, CRISP/NPO/RMU and SAE training split each global batch"
+        ),
+    ] = 1,
+) -> None:
+    from sae_unlearn.distributed import launched, world
+    from sae_unlearn.models.loading import Placement, parse_max_memory, set_placement
+
+    setup_logging(verbose, quiet=launched() and not world().is_main)
+    if launched() and world().is_main:
+        logging.getLogger("sae_unlearn").info("data-parallel: %d processes", world().size)
+    elif launched():  # the other ranks: the main rank prints the tables and paths
+        stdout.quiet = True
+    if processes > 1 and not launched():
+        raise typer.Exit(relaunch(processes))
+    if max_memory is not None and device_map is None:
+        raise UserError("--max-memory applies with --device-map", "add --device-map auto")
+    set_placement(Placement(device_map, parse_max_memory(max_memory), str(offload_folder) if offload_folder else None))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def relaunch(processes: int) -> int:
+    """Run this command line again under `accelerate launch` in `processes` processes (one per GPU when
+    there are enough, else gloo on the CPU); its exit status."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            args.append(arg)
+    # --multi_gpu is accelerate's torchrun-style launcher (one process per rank, RANK/WORLD_SIZE set); its
+    # --cpu runs a single process. With --device cpu, or fewer GPUs than processes, ACCELERATE_USE_CPU makes
+    # the ranks gloo.
+    env = dict(os.environ)
+    on_cpu = any(
+        a == "--device=cpu" or (a == "--device" and b == "cpu") for a, b in zip(args, [*args[1:], ""], strict=True)
+    )
+    if on_cpu or torch.cuda.device_count() < processes:
+        env["ACCELERATE_USE_CPU"] = "true"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", env.get("MASTER_PORT") or str(_free_port())]  # two runs side by side
+    return subprocess.call([*launch, "-m", "sae_unlearn.cli", *args], env=env)
 
 
 @app.command()

@@ -50,7 +50,7 @@ from sae_unlearn.evaluation.scoring import option_logprobs
 from sae_unlearn.evaluation.text import perplexity
 from sae_unlearn.methods import attach_permanently
 from sae_unlearn.methods.persistent import tokenize
-from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.models.loading import LoadedModel, main_device
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def fine_tune_attack(
         model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=attack.lr, weight_decay=0.0)
-    device = next(model.parameters()).device
+    device = main_device(model)  # a sharded model: its first device
     rng = random.Random(seed)
     curve = []
     for step in range(attack.steps + 1):

@@ -28,6 +28,7 @@ import torch
 from sae_unlearn.concepts.pack import RINGS, Probe
 from sae_unlearn.errors import UserError
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
+from sae_unlearn.models.loading import main_device
 
 LETTERS = string.ascii_uppercase
 
@@ -90,7 +91,7 @@ def option_scores(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_siz
     explicit positions so padding shifts nothing): the numbers of scoring every question+option
     sequence on its own, at about a third of the cost.
     """
-    device = next(model.parameters()).device
+    device = main_device(model)  # a sharded model: its first device
     body = decoder_body(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = [[0.0] * len(p.options) for p in probes]
@@ -150,7 +151,7 @@ def letter_choices(
     `n_rotations` None: one rotation per option (the answer sits under every letter once)."""
     if any(len(p.options) > len(LETTERS) for p in probes):
         raise UserError(f"letter scoring takes at most {len(LETTERS)} options", "pass --no-letter")
-    device = next(model.parameters()).device
+    device = main_device(model)  # a sharded model: its first device
     letter_ids = [tokenizer(" " + L, add_special_tokens=False).input_ids[-1] for L in LETTERS]
     prompts, answers, n_options, owners = [], [], [], []
     for pi, probe in enumerate(probes):

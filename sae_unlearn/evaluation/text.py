@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from sae_unlearn.evaluation.scoring import logits_at
 from sae_unlearn.models.hooks import token_policy, valid_token_mask
+from sae_unlearn.models.loading import main_device
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def text_nlls(
     model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
 ) -> list[tuple[float, int]]:
     """Per text: summed token NLL and scored token count (BOS and padding masked); paired CIs resample texts."""
-    device = next(model.parameters()).device
+    device = main_device(model)  # a sharded model: its first device
     tokenizer.padding_side = "right"
     out: list[tuple[float, int]] = []
     specials = token_policy(tokenizer)

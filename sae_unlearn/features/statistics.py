@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_save_safetensors, cache_dir, hash_json, sha256_file
 from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
@@ -141,7 +142,7 @@ def encode_valid_tokens(
 def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
     if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
         values, ids = latents
-        v, i = values.flatten().float().cpu(), ids.flatten().cpu()
+        v, i = values.flatten().float(), ids.flatten()
         n_tokens = values.shape[0]
         acc[f"{side}_count"] += torch.bincount(i[v > 0], minlength=len(acc[f"{side}_count"]))
         acc[f"{side}_sum"].index_add_(0, i, v)
@@ -150,7 +151,7 @@ def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
         n_tokens = latents[0].shape[0] if latents else 0
         start = 0
         for block in latents:
-            z = block.float().cpu()
+            z = block.float()
             cols = slice(start, start + z.shape[1])
             acc[f"{side}_count"][cols] += (z > 0).sum(0)
             acc[f"{side}_sum"][cols] += z.sum(0)
@@ -197,26 +198,53 @@ def compute_stats(
         raise UserError("the retain corpus is empty", "give the concept pack a retain file with text")
     key = stats_key(loaded, saes, forget, retain, max_length)
     path = cache_dir() / "features" / f"{key}.safetensors"
-    if use_cache and path.exists():
+    ranks = world()
+    if use_cache and ranks.broadcast(path.exists()):  # data-parallel: the main rank's cache decides
         log.info("reusing cached feature statistics %s", path.name)
-        return load_stats(path)
+        cached = ranks.broadcast(load_stats(path) if ranks.is_main else None)
+        assert cached is not None
+        return cached
     acc: dict[int, dict[str, Any]] = {}
     for s in saes:
-        zeros = torch.zeros(s.d_sae)
+        zeros = torch.zeros(s.d_sae, device=loaded.device)  # on the GPU: no per-batch copies to the host
         acc[s.layer] = {f"{side}_{kind}": zeros.clone() for side in SIDES for kind in ("count", "sum", "max")}
         acc[s.layer].update(forget_tokens=0, retain_tokens=0)
-    total = len(forget) + len(retain)
+    # data-parallel: each rank reads a contiguous share of each corpus, then the sums are reduced
+    shares = {"forget": ranks.shard(forget), "retain": ranks.shard(retain)}
+    total = len(shares["forget"]) + len(shares["retain"])
     done = 0
-    for side, texts in (("forget", forget), ("retain", retain)):
-        for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
+    for side in SIDES:
+        for batch in iter_batches(shares[side], loaded.tokenizer, batch_size, max_length):
             for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
                 _accumulate(acc[layer], side, latents)
             done += batch["input_ids"].shape[0]
-            if progress is not None:
+            if progress is not None and ranks.is_main:
                 progress(done, total)
-    stats = {layer: LayerStats(layer=layer, **a) for layer, a in acc.items()}
-    save_stats(path, stats)
+    stats = {layer: LayerStats(layer=layer, **_to_cpu(reduce_across_ranks(a))) for layer, a in acc.items()}
+    if ranks.is_main:
+        save_stats(path, stats)
     return stats
+
+
+def _to_cpu(acc: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in acc.items()}
+
+
+def reduce_across_ranks(acc: dict[str, Any]) -> dict[str, Any]:
+    """One layer's accumulators summed over the data-parallel ranks (maxima: maximum); identity on one."""
+    ranks = world()
+    if not ranks.active:
+        return acc
+    out: dict[str, Any] = {}
+    device = next(v.device for v in acc.values() if isinstance(v, torch.Tensor))  # NCCL reduces GPU tensors only
+    for name, value in acc.items():
+        if name.endswith("_tokens"):
+            out[name] = int(ranks.sum(torch.tensor(float(value), dtype=torch.float64, device=device)))
+        elif name.endswith("_max"):
+            out[name] = ranks.max(value)
+        else:
+            out[name] = ranks.sum(value)
+    return out
 
 
 def save_stats(path: Path, stats: dict[int, LayerStats]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import (
@@ -137,7 +138,9 @@ def published_unlearn_loss(
         acts = sae.activation_fn(pre)[..., features]
     acts = acts.float() * valid.unsqueeze(-1)
     positive = acts[acts > 0]
-    return positive.mean() if positive.numel() else acts.sum() * 0.0
+    # the mean of the positive activations (0 when none); data-parallel, this rank's share (global count)
+    count = world().global_count(positive.numel(), acts.device)
+    return positive.sum() / count if positive.numel() else acts.sum() * 0.0
 
 
 def ablation_target(sae: Any, frozen: torch.Tensor, features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -149,11 +152,12 @@ def ablation_target(sae: Any, frozen: torch.Tensor, features: torch.Tensor, scal
 def retain_kl(
     model: Any, frozen: torch.Tensor, adapted: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
-    """Mean KL(base || adapted) of the next-token distributions at (rows, cols) of final hidden states."""
+    """Mean KL(base || adapted) of the next-token distributions at (rows, cols) of final hidden states
+    (data-parallel: this rank's share, over the global number of positions)."""
     with torch.no_grad():
         base_logp = torch.log_softmax(lm_head_logits(model, frozen[rows, cols]), -1)
     logp = torch.log_softmax(lm_head_logits(model, adapted[rows, cols]), -1)
-    return (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+    return (base_logp.exp() * (base_logp - logp)).sum() / world().global_count(len(rows), logp.device)
 
 
 @register
@@ -206,6 +210,11 @@ class CrispMethod(Method):
         return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
 
 
+def tokenize_valid(tokenizer: Any, texts: list[str], cfg: CrispConfig) -> torch.Tensor:
+    """The valid-token mask of a whole global batch (on the CPU: only its positions are read)."""
+    return tokenize(tokenizer, texts, cfg.max_length, torch.device("cpu")).valid
+
+
 class _CrispLoss:
     """Callable(step) -> (total, {term: value}); deterministic batches from (seed, step)."""
 
@@ -219,6 +228,7 @@ class _CrispLoss:
         self.coherence = ctx.pack.coherence
         if len(self.forget) < cfg.batch_size or len(self.retain) < cfg.batch_size:
             raise UserError("the forget or retain split is smaller than one batch", "lower --batch-size or add text")
+        world().check_batch(cfg.batch_size, "crisp.batch_size")
         self.kl = cfg.objective == "ablation" and cfg.retain_kl_weight > 0
         self.frozen_forget = FrozenReference(self.layers)
         self.frozen_retain = FrozenReference(self.layers, final=self.kl)
@@ -228,9 +238,11 @@ class _CrispLoss:
         return epoch_batch(texts, self.cfg.batch_size, self.cfg.seed, step, salt)
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, loaded = self.cfg, self.ctx.loaded
-        forget_texts, retain_texts = self._batch(self.forget, step, 1), self._batch(self.retain, step, 2)
-        coherence_texts = [self.coherence[step % len(self.coherence)]]
+        cfg, loaded, ranks = self.cfg, self.ctx.loaded, world()
+        global_retain = self._batch(self.retain, step, 2)
+        # data-parallel: each rank a contiguous share of the global batch; the loss is its share of the global loss
+        forget_texts, retain_texts = ranks.shard(self._batch(self.forget, step, 1)), ranks.shard(global_retain)
+        coherence_texts = [self.coherence[step % len(self.coherence)]]  # one text: every rank, weight 1/ranks
         forget = tokenize(loaded.tokenizer, forget_texts, cfg.max_length, loaded.device)
         retain = tokenize(loaded.tokenizer, retain_texts, cfg.max_length, loaded.device)
         coherence = tokenize(loaded.tokenizer, coherence_texts, cfg.max_length, loaded.device)
@@ -260,35 +272,44 @@ class _CrispLoss:
 
         assert adapted_c.final is not None and frozen_c.final is not None  # layers=None: the final state
         if cfg.objective == "published":
+            n_retain = ranks.global_count(retain.valid.sum(), loaded.device)
             retain_loss = torch.stack(
                 [
-                    ((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].mean()
+                    ((adapted_r.hidden[layer] - frozen_r.hidden[layer]).float() ** 2).mean(-1)[retain.valid].sum()
+                    / n_retain
                     for layer in self.layers
                 ]
             ).mean()
-            coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[coherence.valid].mean()
+            coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[
+                coherence.valid
+            ].mean() / ranks.size
             total = (1 - cfg.beta) * unlearn + cfg.beta * retain_loss + cfg.beta * cfg.gamma * coherence_loss
         else:
             retain_loss = torch.stack(
                 [relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid) for layer in self.layers]
             ).mean()
+            # every rank computes the same coherence text: relative_mse's global sums make each share 1/ranks
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
             total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
             if kl:
                 assert adapted_r.final is not None and frozen_r.final is not None
-                rows, cols = retain.valid.nonzero(as_tuple=True)
+                # the positions are drawn from the global batch's valid tokens; each rank reads those in its rows
+                valid = retain.valid if not ranks.active else tokenize_valid(loaded.tokenizer, global_retain, cfg)
+                rows, cols = valid.nonzero(as_tuple=True)
                 pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + step))
                 pick = pick[: cfg.retain_kl_positions].to(rows.device)
-                kl_loss = retain_kl(model, frozen_r.final, adapted_r.final, rows[pick], cols[pick])
+                rows, cols = rows[pick], cols[pick]
+                start, stop = ranks.bounds(len(global_retain))
+                mine = (rows >= start) & (rows < stop)
+                rows, cols = (rows[mine] - start).to(loaded.device), cols[mine].to(loaded.device)
+                kl_loss = retain_kl(model, frozen_r.final, adapted_r.final, rows, cols)
                 total = total + cfg.retain_kl_weight * kl_loss
-        terms = {
-            "unlearn": float(unlearn.detach()),
-            "retain": float(retain_loss.detach()),
-            "coherence": float(coherence_loss.detach()),
-        }
+        shares = {"unlearn": unlearn, "retain": retain_loss, "coherence": coherence_loss}
         if kl:
-            terms["retain_kl"] = float(kl_loss.detach())
-        if not math.isfinite(float(total.detach())):
+            shares["retain_kl"] = kl_loss
+        values = ranks.sum(torch.stack([v.detach().float().reshape(()) for v in shares.values()])).tolist()
+        terms = dict(zip(shares, values, strict=True))  # the global terms (each rank holds a share)
+        if not all(math.isfinite(v) for v in values):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")
         return total, terms

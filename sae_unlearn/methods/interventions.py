@@ -116,7 +116,10 @@ def make_edit_fn(loaded_sae: LoadedSAE, edit: LayerEdit, policy: TokenPolicy | S
         keep = call_token_mask(tokens, policy) if tokens is not None else None
         if keep is not None and keep.shape != hidden.shape[:-1]:
             keep = None
-        return apply_feature_edit(sae, hidden, cols, new_values, keep)
+        # a sharded model (--device-map) runs the block on its own device: edit on the SAE's, hand it back
+        device = sae.W_enc.device
+        keep = keep.to(device) if keep is not None else None
+        return apply_feature_edit(sae, hidden.to(device), cols, new_values, keep).to(hidden.device)
 
     return edit_fn
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import AdapterTrainer, Batch, epoch_batch, hidden_at_layers, tokenize
@@ -84,8 +85,10 @@ class NpoConfig:
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """-(2/beta) * mean(log sigmoid(-beta * (logp - ref_logp))) over sequences."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+    """-(2/beta) * mean(log sigmoid(-beta * (logp - ref_logp))) over sequences (data-parallel: this rank's
+    share, over the global number of sequences)."""
+    n = world().global_count(logp.shape[0], logp.device)
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).sum() / n
 
 
 def _target_logprobs(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -161,6 +164,7 @@ class _NpoLoss:
         self.retain = ctx.pack.retain_split("train")
         if len(self.forget) < cfg.batch_size or (cfg.retain_weight > 0 and len(self.retain) < cfg.batch_size):
             raise UserError("the forget or retain split is smaller than one batch", "lower --set npo.batch_size")
+        world().check_batch(cfg.batch_size, "npo.batch_size")
         self.reference: dict[str, float] = {}
 
     def _batch(self, texts: list[str], step: int, salt: int) -> list[str]:
@@ -174,25 +178,26 @@ class _NpoLoss:
         return torch.tensor([self.reference[t] for t in texts], device=batch.input_ids.device)
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, loaded = self.cfg, self.ctx.loaded
-        forget_texts = self._batch(self.forget, step, 1)
+        cfg, loaded, ranks = self.cfg, self.ctx.loaded, world()
+        forget_texts = ranks.shard(self._batch(self.forget, step, 1))  # data-parallel: this rank's share
         forget = tokenize(loaded.tokenizer, forget_texts, cfg.max_length, loaded.device)
         ref_logp = self._reference(model, forget_texts, forget)
         logp = sequence_logprobs(model, forget, cfg.logit_chunk)
         forget_loss = npo_loss(logp, ref_logp, cfg.beta)
         total = forget_loss
         n_tokens = forget.valid[:, 1:].sum(-1).clamp_min(1)
-        terms = {
-            "npo": float(forget_loss.detach()),
-            # per-token log-ratio: how much less likely the adapted model finds the forget text
-            "forget_log_ratio": float(((logp.detach() - ref_logp) / n_tokens).mean()),
-        }
+        # per-token log-ratio: how much less likely the adapted model finds the forget text
+        log_ratio = ((logp.detach() - ref_logp) / n_tokens).sum() / ranks.global_count(len(n_tokens), logp.device)
+        shares = {"npo": forget_loss, "forget_log_ratio": log_ratio}
         if cfg.retain_weight > 0:
-            retain = tokenize(loaded.tokenizer, self._batch(self.retain, step, 2), cfg.max_length, loaded.device)
+            retain_texts = ranks.shard(self._batch(self.retain, step, 2))
+            retain = tokenize(loaded.tokenizer, retain_texts, cfg.max_length, loaded.device)
             token_lp, _ = token_logprobs(model, retain, cfg.logit_chunk)
-            retain_nll = -token_lp.mean()
+            retain_nll = -token_lp.sum() / ranks.global_count(token_lp.numel(), token_lp.device)
             total = total + cfg.retain_weight * retain_nll
-            terms["retain_nll"] = float(retain_nll.detach())
-        if not math.isfinite(float(total.detach())):
+            shares["retain_nll"] = retain_nll
+        values = ranks.sum(torch.stack([v.detach().float().reshape(()) for v in shares.values()])).tolist()
+        terms = dict(zip(shares, values, strict=True))  # the global terms (each rank holds a share)
+        if not all(math.isfinite(v) for v in values):
             raise FloatingPointError("the NPO loss diverged (non-finite)")
         return total, terms

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.text import fluency_metrics
 from sae_unlearn.io import atomic_dir
@@ -22,6 +23,7 @@ from sae_unlearn.models.generation import generate
 from sae_unlearn.models.hooks import (
     capture_resid_post,
     capture_resid_post_and_final,
+    decoder_blocks,
     token_policy,
     valid_token_mask,
 )
@@ -125,9 +127,16 @@ class FrozenReference:
 
 
 def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers)."""
+    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers).
+
+    `b` is the reference (a frozen state or target: no gradient reaches it). Data-parallel, this rank's
+    share of the global value: its summed error over the global mean of the reference's squared norm and
+    the global token count (`sae_unlearn.distributed`); the shares sum to it."""
     a, b = a.float()[valid], b.float()[valid]
-    return ((a - b) ** 2).sum(-1).mean() / (b**2).sum(-1).mean().clamp_min(1e-6)
+    ranks = world()
+    n = ranks.global_count(valid.sum(), a.device)
+    reference = ranks.sum((b**2).sum()) / n
+    return ((a - b) ** 2).sum() / n / reference.clamp_min(1e-6)
 
 
 def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
@@ -166,6 +175,18 @@ class FluencyCheck:
         return FluencyReading(metrics["base_ppl"] / self.base_ppl, metrics["repeated_3gram_share"])
 
 
+def check_not_offloaded(model: Any, layers: Sequence[int], what: str) -> None:
+    """Refuse to train blocks that --device-map offloaded (weights on the meta device, loaded per forward
+    pass): accelerate's offload serves inference; gradients can pass through such blocks, not train them."""
+    blocks = decoder_blocks(model)
+    offloaded = [layer for layer in layers if any(p.device.type == "meta" for p in blocks[layer].parameters())]
+    if offloaded:
+        raise UserError(
+            f"{what} would train blocks {offloaded}, which --device-map offloaded to CPU memory or disk",
+            "give the devices more room with --max-memory, or train earlier blocks (--set lora_layers=...)",
+        )
+
+
 class AdapterTrainer:
     def __init__(
         self,
@@ -193,6 +214,7 @@ class AdapterTrainer:
         n_layers = ctx.loaded.n_layers
         if any(not 0 <= layer < n_layers for layer in lora_layers):
             raise UserError(f"LoRA layers {lora_layers} are outside the model's blocks 0..{n_layers - 1}")
+        check_not_offloaded(base, lora_layers, "LoRA")
         torch.manual_seed(seed)
         config = LoraConfig(
             r=r,
@@ -226,11 +248,16 @@ class AdapterTrainer:
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
         tensors["rng"] = torch.get_rng_state()
+        if torch.cuda.is_available():  # LoRA dropout on a GPU draws from its generator
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"cuda_rng.{i}"] = state
         if fluent is not None:
             tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
-        with atomic_dir(self.ckpt, overwrite=True) as tmp:
-            save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(asdict(self.state)))
+        if world().is_main:  # data-parallel: every rank holds the same adapter and optimiser state
+            with atomic_dir(self.ckpt, overwrite=True) as tmp:
+                save_file(tensors, str(tmp / "state.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(asdict(self.state)))
+        world().barrier()
 
     def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
         if not (self.ckpt / "state.json").exists():
@@ -242,6 +269,9 @@ class AdapterTrainer:
             if state:
                 self.opt.state[p] = state
         torch.set_rng_state(tensors["rng"])
+        cuda_states = [tensors[f"cuda_rng.{i}"] for i in range(len(tensors)) if f"cuda_rng.{i}" in tensors]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
         self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
         fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
@@ -261,6 +291,7 @@ class AdapterTrainer:
         the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share exceeds the base
         model's by more than `max_repetition_increase`."""
         ctx = self.ctx
+        ranks = world()
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         fluent = self.load_checkpoint() if ctx.resume else None
         # the tune half of the concept prompts: the evaluation scores the disjoint report half
@@ -279,11 +310,13 @@ class AdapterTrainer:
                     ) from e
                 self.opt.zero_grad(set_to_none=True)
                 total.backward()
+                ranks.sum_gradients(self.params)  # data-parallel: `total` is this rank's share of the loss
                 self.opt.step()
                 self.state.step += 1
-                record = {"step": self.state.step, "total": float(total.detach()), **terms}
+                record = {"step": self.state.step, "total": float(ranks.sum(total)), **terms}
                 if check is not None and self.state.step % fluency_every == 0:
-                    reading = check.read(self.model)
+                    reading = ranks.broadcast(check.read(self.model) if ranks.is_main else None)  # one decision
+                    assert reading is not None
                     ratio = reading.ratio
                     record["fluency_ratio"], record["repetition"] = ratio, reading.repetition
                     repetitive = (
@@ -310,13 +343,16 @@ class AdapterTrainer:
                             self.state.step,
                             ratio,
                         )
-                train_log.write(record)
-                if ctx.progress is not None:
+                if ranks.is_main:
+                    train_log.write(record)
+                if ctx.progress is not None and ranks.is_main:
                     ctx.progress(self.state.step, steps, terms)
                 if checkpoint_every and self.state.step % checkpoint_every == 0:
                     self.save_checkpoint(fluent)
-            with atomic_dir(ctx.out / "adapter", overwrite=True) as tmp:
-                self.model.save_pretrained(str(tmp))
+            if ranks.is_main:
+                with atomic_dir(ctx.out / "adapter", overwrite=True) as tmp:
+                    self.model.save_pretrained(str(tmp))
+            ranks.barrier()
         finally:
             ctx.loaded.model = self.model.unload()  # the base model, LoRA layers removed, unchanged
         return {

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import Batch, hidden_at_layers, tokenize
+from sae_unlearn.methods.persistent import Batch, check_not_offloaded, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.runs import TrainLog
 
@@ -112,14 +113,17 @@ def median_token_norm(loaded: Any, texts: list[str], layer: int, max_length: int
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid tokens of the squared L2 distance (the published MSE up to the factor d_model)."""
-    return ((a.float() - b.float())[valid] ** 2).sum(-1).mean()
+    """Mean over valid tokens of the squared L2 distance (the published MSE up to the factor d_model);
+    data-parallel, this rank's share (over the global token count)."""
+    return ((a.float() - b.float())[valid] ** 2).sum() / world().global_count(valid.sum(), a.device)
 
 
-def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -> float:
-    """Mean over valid tokens of |h - frozen| / |frozen|: how far training moved the activations."""
+def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens of |h - frozen| / |frozen|: how far training moved the activations
+    (data-parallel: this rank's share)."""
     h, frozen = h.float()[valid], frozen.float()[valid]
-    return float(((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).mean())
+    n = world().global_count(valid.sum(), h.device)
+    return ((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).sum() / n
 
 
 class _EpochBatches:
@@ -157,7 +161,10 @@ class RmuMethod(Method):
         forget, retain = ctx.pack.forget_split("train"), ctx.pack.retain_split("train")
         if len(forget) < cfg.batch_size or len(retain) < cfg.batch_size:
             raise UserError("the forget or retain split is smaller than one batch", "lower --set rmu.batch_size")
+        ranks = world()
+        ranks.check_batch(cfg.batch_size, "rmu.batch_size")
         blocks = decoder_blocks(loaded.model)
+        check_not_offloaded(loaded.model, update, "RMU")
         params: dict[str, torch.nn.Parameter] = {}
         for u in update:
             names = cfg.param_names if cfg.param_names is not None else default_param_names(blocks[u])
@@ -187,8 +194,10 @@ class RmuMethod(Method):
             for p in params.values():
                 p.requires_grad_(True)
             for step in range(cfg.steps):
-                f_batch = tokenize(loaded.tokenizer, forget_batches(step), cfg.max_length, loaded.device)
-                r_batch = tokenize(loaded.tokenizer, retain_batches(step), cfg.max_length, loaded.device)
+                # data-parallel: each rank a share of the global batches; the losses are its shares
+                f_texts, r_texts = ranks.shard(forget_batches(step)), ranks.shard(retain_batches(step))
+                f_batch = tokenize(loaded.tokenizer, f_texts, cfg.max_length, loaded.device)
+                r_batch = tokenize(loaded.tokenizer, r_texts, cfg.max_length, loaded.device)
                 frozen_f, frozen_r = self._frozen(loaded, params, originals, master, f_batch, r_batch, layer)
                 # gradients reach the model-dtype weights; we step a float32 master copy
                 h_f = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer]
@@ -196,11 +205,12 @@ class RmuMethod(Method):
                 forget_loss = masked_mse(h_f, target_vec.expand_as(h_f), f_batch.valid) / scale
                 retain_loss = masked_mse(h_r, frozen_r, r_batch.valid) / scale
                 total = forget_loss + cfg.alpha * retain_loss
-                if not torch.isfinite(total.detach()):
+                if not torch.isfinite(ranks.sum(total)):
                     raise UserError(f"RMU diverged at step {step}", "lower --set rmu.lr")
                 for p in params.values():
                     p.grad = None
                 total.backward()
+                ranks.sum_gradients(list(params.values()))
                 for k, p in params.items():
                     master[k].grad = p.grad.float() if p.grad is not None else None
                 opt.step()
@@ -209,20 +219,28 @@ class RmuMethod(Method):
                     for k, p in params.items():
                         p.copy_(master[k].to(p.dtype))
                 h_f_valid = h_f.detach().float()[f_batch.valid]
-                terms = {
-                    "forget": float(forget_loss.detach()),
-                    "retain": float(retain_loss.detach()),
+                cos = torch.nn.functional.cosine_similarity(h_f_valid, target_vec, dim=-1).sum()
+                shares = {
+                    "forget": forget_loss,
+                    "retain": retain_loss,
                     "forget_shift": relative_shift(h_f.detach(), frozen_f, f_batch.valid),
                     "retain_shift": relative_shift(h_r.detach(), frozen_r, r_batch.valid),
-                    "forget_cos_u": float(torch.nn.functional.cosine_similarity(h_f_valid, target_vec, dim=-1).mean()),
+                    "forget_cos_u": cos / ranks.global_count(f_batch.valid.sum(), cos.device),
+                    "total": total,
                 }
-                train_log.write({"step": step + 1, "total": float(total.detach()), **terms})
-                if ctx.progress is not None:
+                values = ranks.sum(torch.stack([v.detach().float() for v in shares.values()])).tolist()
+                terms = dict(zip(shares, values, strict=True))  # the global terms (each rank holds a share)
+                record_total = terms.pop("total")
+                if ranks.is_main:
+                    train_log.write({"step": step + 1, "total": record_total, **terms})
+                if ctx.progress is not None and ranks.is_main:
                     ctx.progress(step + 1, cfg.steps, terms)
             weights = {k: master[k].detach().to(loaded.dtype).contiguous() for k in params}
-            tmp = ctx.out / ".rmu_weights.safetensors.tmp"
-            save_file(weights, str(tmp), metadata={"layer": str(layer)})
-            tmp.replace(ctx.out / "rmu_weights.safetensors")
+            if ranks.is_main:  # data-parallel: every rank holds the same weights
+                tmp = ctx.out / ".rmu_weights.safetensors.tmp"
+                save_file(weights, str(tmp), metadata={"layer": str(layer)})
+                tmp.replace(ctx.out / "rmu_weights.safetensors")
+            ranks.barrier()
         finally:
             with torch.no_grad():
                 for k, p in params.items():

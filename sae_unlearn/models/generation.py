@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
+from sae_unlearn.models.loading import main_device
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def generate(
     """Continue each prompt; greedy when temperature == 0. Returns only the continuations."""
     if not prompts:
         return []
-    device = next(model.parameters()).device
+    device = main_device(model)  # a sharded model: its first device
     body = decoder_body(model)
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)

@@ -113,7 +113,8 @@ def capture_resid_post(
 ) -> dict[int, torch.Tensor]:
     """Run the body once and return {layer: resid_post of that block}; stops after the deepest layer.
 
-    Gradients flow if the caller enables them (used by CRISP's losses).
+    Gradients flow if the caller enables them (used by CRISP's losses). The captures come back on the
+    device of `input_ids`, wherever a sharded model (--device-map) ran the block.
     """
     return _capture(model, input_ids, attention_mask, layers, stop_early)[0]
 
@@ -147,7 +148,7 @@ def _capture(
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured[layer] = _block_output(output)
+            captured[layer] = _block_output(output).to(input_ids.device)  # a no-op unless sharded
             if stop_early and layer == deepest:
                 raise _StopForward
 
@@ -157,7 +158,7 @@ def _capture(
     final = None
     try:
         out = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        final = out.last_hidden_state
+        final = out.last_hidden_state.to(input_ids.device)
     except _StopForward:
         pass
     finally:
@@ -284,6 +285,6 @@ def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of final hidden states (softcapped where the model does)."""
     inner = _unwrap(model)
     # contiguous: a strided bfloat16 input sends torch's CPU linear down a path ~200x slower
-    logits = inner.get_output_embeddings()(hidden.contiguous()).float()
+    logits = inner.get_output_embeddings()(hidden.contiguous()).float().to(hidden.device)  # sharded: lm_head elsewhere
     cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits

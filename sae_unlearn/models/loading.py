@@ -69,7 +69,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go, and where captures, SAEs and losses live (the first device of a sharded model)."""
+        return main_device(self.model)
+
+    @property
+    def sharded(self) -> bool:
+        """Loaded with --device-map: blocks spread over devices (and maybe offloaded to CPU memory or disk)."""
+        return bool(getattr(self.model, "hf_device_map", None))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,6 +84,69 @@ class LoadedModel:
     @property
     def compute_dtype(self) -> ComputeDtype:
         return self.compute or ComputeDtype(self.dtype, "the model's own dtype")
+
+
+def main_device(model: Any) -> torch.device:
+    """The device a model's inputs go to: its parameters' device, or for a model loaded with a device map
+    (accelerate's big-model loading) the first device of the map that computes (offloaded modules,
+    `cpu`/`disk` next to GPUs, compute on the first GPU)."""
+    device_map = getattr(model, "hf_device_map", None) or getattr(
+        getattr(model, "get_base_model", lambda: None)(), "hf_device_map", None
+    )
+    if not device_map:
+        return next(model.parameters()).device
+    places = list(device_map.values())
+    gpus = [p for p in places if isinstance(p, int) or (isinstance(p, str) and p.startswith("cuda"))]
+    first = places[0]
+    if isinstance(first, int):
+        return torch.device("cuda", first)
+    if first not in ("cpu", "disk") or not gpus:
+        return torch.device("cpu" if first == "disk" else first)
+    return torch.device("cuda", gpus[0]) if isinstance(gpus[0], int) else torch.device(gpus[0])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How `load_model` places a model bigger than one device (set once by the CLI's --device-map)."""
+
+    # auto, balanced, balanced_low_0, sequential (accelerate's big-model loading), or {module: device}
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[int | str, str] | None = None  # {0: "20GiB", 1: "20GiB", "cpu": "60GiB"}
+    offload_folder: str | None = None  # where `disk` offload writes weights (default: under the cache dir)
+
+
+PLACEMENT = Placement()
+
+
+def set_placement(placement: Placement) -> None:
+    global PLACEMENT
+    PLACEMENT = placement
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`0=20GiB,1=20GiB,cpu=60GiB` -> {0: "20GiB", 1: "20GiB", "cpu": "60GiB"} (GPU indices, cpu, disk)."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UserError(
+                f"--max-memory {text!r}: {part!r} is not DEVICE=SIZE", "e.g. --max-memory 0=20GiB,cpu=60GiB"
+            )
+        if key.isdigit():
+            out[int(key)] = value
+        elif key.startswith("cuda:") and key[5:].isdigit():
+            out[int(key[5:])] = value
+        elif key in ("cpu", "disk", "mps"):
+            out[key] = value
+        else:
+            raise UserError(f"--max-memory: unknown device {key!r}", "use GPU indices (0, 1, ...), cpu or disk")
+    return out
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def cpu_supports_bf16() -> bool:
@@ -98,6 +167,9 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    from sae_unlearn.distributed import device_for_rank
+
+    device = device_for_rank(device)  # launched data-parallel: this rank's GPU (or the CPU under gloo)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -223,13 +295,21 @@ def _gated(e: BaseException) -> bool:
 
 
 def _load_pretrained(
-    source: str, dtype: torch.dtype, device: torch.device, revision: str | None = None
+    source: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    revision: str | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    big: dict[str, Any] = {}
+    if placement is not None and placement.device_map is not None:
+        big = {"device_map": placement.device_map, "max_memory": placement.max_memory}
+        big["offload_folder"] = placement.offload_folder or str(cache_dir() / "offload" / Path(source).name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=revision, **big)
     except OSError as e:
         if _gated(e):
             raise UserError(
@@ -255,13 +335,32 @@ def _load_pretrained(
 
 
 def load_model(
-    spec: str = "embedded", dtype: str | None = None, device: str = "cpu", revision: str | None = None
+    spec: str = "embedded",
+    dtype: str | None = None,
+    device: str = "cpu",
+    revision: str | None = None,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a causal LM: `embedded`, `embedded-small`, a `.gguf` path, a local directory or a hub id.
 
     A hub id pins a revision (commit, tag or branch) with `revision` or as `ORG/NAME@REVISION`; the
     revision becomes part of the model's source, so caches keyed on it (feature statistics) and run
-    checks tell revisions apart."""
+    checks tell revisions apart.
+
+    `placement` (default: the CLI's --device-map / --max-memory, `set_placement`) with a device map loads
+    the model across the visible GPUs, CPU memory and disk with accelerate's big-model loading; `device`
+    then only picks the compute dtype, and captures, SAEs and losses live on the map's first device."""
+    placement = placement if placement is not None else PLACEMENT
+    if placement.device_map is not None:
+        from sae_unlearn.distributed import launched
+
+        if isinstance(placement.device_map, str) and placement.device_map not in DEVICE_MAPS:
+            raise UserError(f"unknown --device-map {placement.device_map!r}", f"use one of {', '.join(DEVICE_MAPS)}")
+        if launched():
+            raise UserError(
+                "--device-map shards one model over the devices; it cannot run data-parallel",
+                "run one process with --device-map, or several without it",
+            )
     start = time.perf_counter()
     if "@" in spec and spec.count("/") == 1 and not Path(spec).expanduser().exists():
         spec_id, _, pinned = spec.partition("@")
@@ -294,8 +393,13 @@ def load_model(
         )
     if revision is not None and source != spec:
         raise UserError(f"--revision applies to hub ids, not to {spec}", "drop the revision")
-    model, tokenizer = _load_pretrained(source, torch_dtype, torch_device, revision)
-    model = model.to(torch_device).eval()
+    model, tokenizer = _load_pretrained(source, torch_dtype, torch_device, revision, placement)
+    if not getattr(model, "hf_device_map", None):
+        model = model.to(torch_device)
+    else:
+        log.info("device map: %s", _summarise_map(model.hf_device_map))
+        _body_outputs_on_input_device(model)
+    model = model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -303,3 +407,22 @@ def load_model(
         spec, source = f"{spec}@{revision}", f"{source}@{revision}"
     log.info("compute dtype %s (%s)", compute.name, compute.reason)
     return LoadedModel(model, tokenizer, spec, source, time.perf_counter() - start, compute)
+
+
+def _body_outputs_on_input_device(model: Any) -> None:
+    """The pipeline calls the decoder body directly (captures, scoring, generation without logits over the
+    whole sequence); accelerate returns only the whole model's outputs on the input device, so the body's
+    last_hidden_state would stay on the last block's GPU. An io_same_device hook on the body brings it back."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from sae_unlearn.models.hooks import decoder_body
+
+    add_hook_to_module(decoder_body(model), AlignDevicesHook(io_same_device=True), append=True)
+
+
+def _summarise_map(device_map: dict[str, Any]) -> str:
+    """{device: number of modules} of a device map, for the log."""
+    counts: dict[str, int] = {}
+    for place in device_map.values():
+        counts[str(place)] = counts.get(str(place), 0) + 1
+    return ", ".join(f"{place}: {n} modules" for place, n in counts.items())

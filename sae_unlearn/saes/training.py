@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.models.hooks import capture_resid_post, hook_name, special_token_ids, valid_token_mask
@@ -253,12 +254,38 @@ class _TopKCodec(torch.autograd.Function):
         return None, grad_W_enc_rows, grad_b_enc, -(grad_b_enc @ W_enc_rows), grad_W_dec, None, None, None, None, None
 
 
+# Devices whose training step uses `_TopKCodec`'s sparse (CSR) backward. It is a CPU optimisation (MKL's
+# sparse products); on a GPU the plain dense ops below are the well-trodden path (cuBLAS), used unless a
+# benchmark there shows otherwise (scripts/gpu_check.sh runs bench_pipeline.py on a lent GPU).
+SPARSE_BACKWARD_DEVICES = ("cpu",)
+
+
+def _dense_codec(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_dec: torch.Tensor,
+    idx: torch.Tensor,
+    dead: torch.Tensor,
+    dead_kept: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_TopKCodec`'s (decoded, acts, aux_decoded) with plain autograd ops in float32: the dense encoder
+    product, a scatter of the k selected activations and a dense decoder product (SAELens' TopK path)."""
+    pre_all = (x - b_dec) @ rows.t() + b_enc
+    acts = pre_all.gather(-1, idx).relu()
+    decoded = torch.zeros_like(pre_all).scatter(-1, idx, acts) @ W_dec
+    aux_decoded = (pre_all[:, dead] * dead_kept) @ W_dec[dead]
+    return decoded, acts.detach(), aux_decoded
+
+
 def topk_training_losses(
     sae: Any,
     x: torch.Tensor,
     dead_mask: torch.Tensor | None,
     matmul_dtype: torch.dtype | None = None,
     W_enc_rows: torch.Tensor | None = None,
+    sparse_backward: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAELens TopKTrainingSAE's MSE and aux-k losses, same values and gradients, computed sparsely.
 
@@ -267,7 +294,9 @@ def topk_training_losses(
     ranks the latents, and `_TopKCodec` decodes and back-propagates through the selected and dead
     latents only. The decoder-norm rescaling cancels in value and gradient (relu(a*n)/n = relu(a) for
     n > 0), so it only enters the rankings. Pass `W_enc_rows` from `trainable_parameters` to train the
-    encoder through that leaf; otherwise the gradient goes to `sae.W_enc`.
+    encoder through that leaf; otherwise the gradient goes to `sae.W_enc`. `sparse_backward` (default:
+    on the devices in SPARSE_BACKWARD_DEVICES, the CPU) picks `_TopKCodec`; otherwise `_dense_codec`
+    (same values and gradients, plain ops).
     """
     cfg = sae.cfg
     if W_enc_rows is None and torch.is_grad_enabled() and not sae.W_enc.requires_grad:
@@ -293,9 +322,12 @@ def topk_training_losses(
         if len(dead) > k_aux:
             keep = ranking_dead.topk(k_aux, dim=-1, sorted=False).indices
             pre_dead = torch.zeros_like(pre_dead).scatter(-1, keep, pre_dead.gather(-1, keep))
-    decoded, vals, aux_decoded = _TopKCodec.apply(
-        centred, rows, b_enc, b_dec, W_dec, pre, idx, pre_dead, dead, matmul_dtype
-    )
+    if sparse_backward if sparse_backward is not None else x.device.type in SPARSE_BACKWARD_DEVICES:
+        decoded, vals, aux_decoded = _TopKCodec.apply(
+            centred, rows, b_enc, b_dec, W_dec, pre, idx, pre_dead, dead, matmul_dtype
+        )
+    else:
+        decoded, vals, aux_decoded = _dense_codec(x, rows, b_enc, b_dec, W_dec, idx, dead, pre_dead != 0)
     recon = decoded + b_dec
     mse = (recon - x).pow(2).sum(-1).mean()
     aux = mse.new_zeros(())
@@ -412,10 +444,21 @@ class SAETrainer:
             epoch += 1
 
     def _activation_stream(self, start: int) -> Iterator[dict[int, torch.Tensor]]:
+        """Activations of each model batch. Data-parallel, each rank runs the model on its share of the
+        batch's sequences and the ranks gather the rows (in batch order), so every rank holds the whole
+        batch, exactly as one process would: same buffers, same shuffles, same SAE batches."""
+        ranks = world()
         for ids in _batched(self._sequence_stream(start), self.cfg.model_batch):
             self.state.sequences_done += ids.shape[0]
             began = time.perf_counter()
-            acts = layer_activations(self.loaded, ids, self.cfg.layers)
+            first, stop = ranks.bounds(ids.shape[0])
+            if stop > first:
+                acts = layer_activations(self.loaded, ids[first:stop], self.cfg.layers)
+            else:  # a last batch smaller than the number of ranks
+                acts = {
+                    layer: torch.zeros(0, self.loaded.d_model, device=self.loaded.device) for layer in self.cfg.layers
+                }
+            acts = {layer: ranks.gather_rows(x) for layer, x in acts.items()}
             self.forward_seconds += time.perf_counter() - began
             yield acts
 
@@ -469,19 +512,30 @@ class SAETrainer:
         lr = learning_rate(self.state.step, total_steps, self.cfg)
         matmul_dtype = self.matmul_dtype
         metrics: dict[str, float] = {}
-        for layer, x in batch.items():
+        ranks = world()
+        for layer, x_all in batch.items():
             sae, opt = self.saes[layer], self.optimizers[layer]
             for group in opt.param_groups:
                 group["lr"] = lr
             dead_mask = self.since_fired[layer] > self.cfg.dead_after_tokens
+            # data-parallel: each rank a share of the batch's tokens; (mse + aux) x share is its share of
+            # the batch's loss, and the summed gradients are the whole batch's (one process: share 1)
+            first, stop = ranks.bounds(x_all.shape[0])
+            x, share = x_all[first:stop], (stop - first) / x_all.shape[0]
             mse, aux, _, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype, self.params[layer]["W_enc_rows"])
             opt.zero_grad(set_to_none=True)
-            (mse + aux).backward()
+            ((mse + aux) * share).backward()
+            ranks.sum_gradients(self.params[layer].values())
             opt.step()
             with torch.no_grad():
-                self.since_fired[layer] += x.shape[0]
+                if ranks.active:
+                    mse = ranks.sum(mse * share)
+                    hit = torch.zeros_like(self.since_fired[layer])
+                    hit[fired] = 1.0
+                    fired = ranks.max(hit).nonzero().squeeze(1)
+                self.since_fired[layer] += x_all.shape[0]
                 self.since_fired[layer][fired] = 0
-                fve = 1 - mse * x.shape[0] / ((x - x.mean(0)) ** 2).sum()  # mse: squared error per token
+                fve = 1 - mse * x_all.shape[0] / ((x_all - x_all.mean(0)) ** 2).sum()  # mse: squared error per token
             metrics[f"L{layer}.fve"] = float(fve)
             metrics[f"L{layer}.mse"] = float(mse.detach())
         self.state.step += 1
@@ -509,9 +563,11 @@ class SAETrainer:
             "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()},
         }
         ckpt = self.out / "checkpoint"
-        with atomic_dir(ckpt, overwrite=True) as tmp:
-            save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        if world().is_main:  # data-parallel: every rank holds the same SAEs and optimiser state
+            with atomic_dir(ckpt, overwrite=True) as tmp:
+                save_file(tensors, str(tmp / "state.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        world().barrier()
         self.last_checkpoint_step = self.state.step
 
     def load_checkpoint(self) -> None:
@@ -566,7 +622,7 @@ class SAETrainer:
             if self.state.step % 20 == 0:
                 metrics["tokens_per_s"] = self.state.tokens_trained / max(1e-9, time.perf_counter() - start)
                 self.state.history.append({"step": self.state.step, **metrics})
-            if progress is not None:
+            if progress is not None and world().is_main:
                 progress(self.state.sequences_done, self.total_sequences, metrics)
         self.loop_seconds = time.perf_counter() - start
         log.info(
@@ -606,10 +662,13 @@ class SAETrainer:
         paths = []
         for layer in self.cfg.layers:
             target = final_dir / hook_name(layer)
-            with atomic_dir(target, overwrite=overwrite) as tmp:
-                sae = self.inference_sae(layer)
-                sae.to("cpu").to(torch.bfloat16)
-                sae.save_model(str(tmp))
+            if world().is_main:
+                with atomic_dir(target, overwrite=overwrite) as tmp:
+                    sae = self.inference_sae(layer)
+                    sae.to("cpu").to(torch.bfloat16)
+                    sae.save_model(str(tmp))
             paths.append(target)
-        atomic_write_json(final_dir / "training_config.json", asdict(self.cfg))
+        if world().is_main:
+            atomic_write_json(final_dir / "training_config.json", asdict(self.cfg))
+        world().barrier()
         return paths

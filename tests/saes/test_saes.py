@@ -74,9 +74,11 @@ def test_folded_normalisation_reads_raw_activations(loaded) -> None:
     torch.testing.assert_close(folded.decode(folded.encode(x)), expected_out, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("sparse_backward", [True, False], ids=["csr-backward", "dense-ops"])
 @pytest.mark.parametrize("n_dead", [0, 20, 40, 200])
-def test_fast_topk_losses_match_sae_lens(n_dead: int) -> None:
-    """Same loss values and gradients as SAELens' own training_forward_pass, aux-k loss included."""
+def test_fast_topk_losses_match_sae_lens(n_dead: int, sparse_backward: bool) -> None:
+    """Same loss values and gradients as SAELens' own training_forward_pass, aux-k loss included: the CPU's
+    sparse (CSR) backward and the plain dense ops that CUDA uses."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
@@ -94,7 +96,7 @@ def test_fast_topk_losses_match_sae_lens(n_dead: int) -> None:
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    mse, aux, recon, fired = topk_training_losses(sae, x, dead)
+    mse, aux, recon, fired = topk_training_losses(sae, x, dead, sparse_backward=sparse_backward)
     (mse + aux).backward()
     assert aux.item() > 0 if n_dead else aux.item() == 0
     torch.testing.assert_close(mse + aux, ref.loss)
