@@ -2,7 +2,8 @@
 
     RUN_DIR/config.json      every setting, package versions, seed
     RUN_DIR/features.json    the features the method used (absent for RMU)
-    RUN_DIR/adapter/         PEFT adapter (crisp, rmu)       -- or --
+    RUN_DIR/adapter/         PEFT adapter (crisp, npo)       -- or --
+    RUN_DIR/rmu_weights.safetensors  the updated parameters (rmu)  -- or --
     RUN_DIR/intervention.json  SAE edits (clamp, ablate)
     RUN_DIR/train_log.jsonl  one JSON object per logged step (persistent methods)
 No pickles: everything is JSON or safetensors.

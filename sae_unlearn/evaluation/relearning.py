@@ -48,7 +48,7 @@ from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.scoring import option_logprobs
 from sae_unlearn.evaluation.text import perplexity
-from sae_unlearn.methods import attach_permanently
+from sae_unlearn.methods import apply_merged
 from sae_unlearn.methods.persistent import tokenize
 from sae_unlearn.models.loading import LoadedModel
 
@@ -309,7 +309,7 @@ def attacked_copy(loaded: LoadedModel, run: Path | LoadedModel | None, dtype: st
     private = dataclasses.replace(loaded, model=model)
     with contextlib.ExitStack() as stack:
         if isinstance(run, Path):
-            model = attach_permanently(private, run, stack)
+            model = stack.enter_context(apply_merged(private, run))
         model.requires_grad_(False)
         yield model
     del model, private

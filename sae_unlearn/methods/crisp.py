@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.methods.base import Method, MethodContext, register
+from sae_unlearn.methods.adapter import AdapterMethod
+from sae_unlearn.methods.base import MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
     FrozenReference,
@@ -157,9 +158,8 @@ def retain_kl(
 
 
 @register
-class CrispMethod(Method):
+class CrispMethod(AdapterMethod):
     name = "crisp"
-    persistent = True
     Config = CrispConfig
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:

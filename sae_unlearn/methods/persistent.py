@@ -318,7 +318,7 @@ class AdapterTrainer:
             with atomic_dir(ctx.out / "adapter", overwrite=True) as tmp:
                 self.model.save_pretrained(str(tmp))
         finally:
-            ctx.loaded.model = self.model.unload()  # the base model, LoRA layers removed, unchanged
+            self.model.unload()  # removes the LoRA layers: ctx.loaded.model is the base model again, unchanged
         return {
             "steps_done": self.state.step,
             "stopped_early": self.state.stopped_early,

@@ -12,23 +12,27 @@ Gemma 2/3 normalise every sublayer's output (`post_feedforward_layernorm` after 
 the forget residual by half its norm within 20 steps, so the default update set stays the published
 one (`param_names` can add the norm's gain). What kept the old defaults from forgetting is in
 docs/baselines.md. The coefficient comes from the median non-BOS token norm over many forget tokens.
-The artifact is rmu_weights.safetensors: the updated parameters, which `apply` swaps in.
+The artifact is rmu_weights.safetensors: the updated parameters, which `install` swaps in (and back on exit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.persistent import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
+from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import TrainLog
 
 log = logging.getLogger(__name__)
@@ -238,6 +242,35 @@ class RmuMethod(Method):
             "median_token_norm": median_norm,
             "final": terms,
         }
+
+    @classmethod
+    @contextlib.contextmanager
+    def install(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:
+        path = run_dir / "rmu_weights.safetensors"
+        if not path.exists():
+            raise UserError(f"{path} is missing", "the run did not finish")
+        weights = load_file(str(path))
+        blocks = decoder_blocks(loaded.model)
+        params = {}
+        for name in weights:
+            layer, rest = name.split(".", 1)
+            params[name] = blocks[int(layer)].get_parameter(rest)
+            if params[name].shape != weights[name].shape:
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(weights[name].shape)}, the model's is "
+                    f"{tuple(params[name].shape)}",
+                    "it was made for another base model",
+                )
+        originals = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        try:
+            yield loaded.model
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(originals[k])
 
     @staticmethod
     def _frozen(
