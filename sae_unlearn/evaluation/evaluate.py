@@ -42,7 +42,6 @@ from sae_unlearn.evaluation.adversarial import adversarial
 from sae_unlearn.evaluation.record import build_record
 from sae_unlearn.evaluation.relearning import RelearnConfig, grid, relearning_evaluation
 from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
-from sae_unlearn.evaluation.text import fluency_metrics, perplexity, text_nlls
 from sae_unlearn.features import load_features
 from sae_unlearn.features.statistics import encode_layers, iter_batches
 from sae_unlearn.methods import apply
@@ -50,6 +49,7 @@ from sae_unlearn.models.generation import generate
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import read_config
 from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.text_metrics import fluency_metrics, perplexity, text_nlls
 
 log = logging.getLogger(__name__)
 RESULTS_VERSION = 1

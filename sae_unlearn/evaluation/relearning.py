@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.scoring import option_logprobs
-from sae_unlearn.evaluation.text import perplexity
 from sae_unlearn.methods import apply_merged
-from sae_unlearn.methods.persistent import tokenize
+from sae_unlearn.models.batch import tokenize
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.text_metrics import perplexity
 
 log = logging.getLogger(__name__)
 

@@ -65,12 +65,12 @@ def iter_batches(
     texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches of whole paragraphs (truncated at max_length), BOS added by the tokenizer."""
-    tokenizer.padding_side = "right"
     for start in range(0, len(texts), batch_size):
         yield tokenizer(
             list(texts[start : start + batch_size]),
             return_tensors="pt",
             padding=True,
+            padding_side="right",
             truncation=True,
             max_length=max_length,
         )

@@ -35,10 +35,9 @@ from sae_unlearn.methods.persistent import (
     FrozenReference,
     default_lora_layers,
     epoch_batch,
-    hidden_at_layers,
     relative_mse,
-    tokenize,
 )
+from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 from sae_unlearn.saes.edit import (
     activate_columns,

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.adapter import AdapterMethod
 from sae_unlearn.methods.base import MethodContext, register
-from sae_unlearn.methods.persistent import AdapterTrainer, Batch, epoch_batch, hidden_at_layers, tokenize
+from sae_unlearn.methods.persistent import AdapterTrainer, epoch_batch
+from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
-"""Shared machinery of the persistent (LoRA) methods: batches, hidden states without the lm_head,
-the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping."""
+"""Shared machinery of the persistent (LoRA) methods: seeded batches, the frozen model's cached hidden
+states, the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping.
+Tokenising and hidden-state capture live in models.batch (re-exported here for the method modules)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.text import fluency_metrics
 from sae_unlearn.io import atomic_dir
 from sae_unlearn.methods.base import MethodContext
+from sae_unlearn.models.batch import Batch, Hidden, hidden_at_layers, tokenize  # noqa: F401  (re-exported)
 from sae_unlearn.models.generation import generate
-from sae_unlearn.models.hooks import (
-    capture_resid_post,
-    capture_resid_post_and_final,
-    token_policy,
-    valid_token_mask,
-)
 from sae_unlearn.runs import TrainLog
+from sae_unlearn.text_metrics import fluency_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +40,11 @@ LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    valid: torch.Tensor  # no BOS, no padding, no position 0 without BOS (models.hooks.TokenPolicy)
-
-
-@dataclass
-class Hidden:
-    hidden: dict[int, torch.Tensor]
-    final: torch.Tensor | None = None
-
-
-@dataclass
 class TrainState:
     step: int = 0
     last_fluent_step: int = 0
     stopped_early: bool = False
     fluency_ratio: float | None = None
-
-
-def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device, keep_first: bool = False
-) -> Batch:
-    tokenizer.padding_side = "right"
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-    valid = valid_token_mask(enc.input_ids, enc.attention_mask, token_policy(tokenizer, keep_first))
-    return Batch(enc.input_ids, enc.attention_mask, valid)
-
-
-def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None, final: bool = False) -> Hidden:
-    """resid_post (block outputs) at `layers` (forward stopped at the deepest unless `final`) and/or
-    the final normed hidden state (`final`, or `layers` None), all from `models.hooks`."""
-    if layers is None or final:
-        hidden, last = capture_resid_post_and_final(model, batch.input_ids, batch.attention_mask, layers or [])
-        return Hidden(hidden, last)
-    return Hidden(capture_resid_post(model, batch.input_ids, batch.attention_mask, layers))
 
 
 class FrozenReference:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import Batch, hidden_at_layers, tokenize
+from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import TrainLog
