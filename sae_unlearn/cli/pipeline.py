@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -13,6 +12,7 @@ import typer
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import MODEL_HELP, SAE_HELP, Reporter, check_device, console, friendly_errors, stdout, table
 from sae_unlearn.errors import UserError
+from sae_unlearn.options import parse_options
 
 if TYPE_CHECKING:
     from sae_unlearn.evaluation.experiment import Experiment
@@ -25,24 +25,6 @@ concept_app = typer.Typer(
     help="Concept packs: list, validate, grow a forget corpus from the model.", no_args_is_help=True
 )
 app.add_typer(concept_app, name="concept")
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """--set key=value pairs (values parsed as JSON when they can be: 3, 0.5, true, [3,4])."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UserError(f"--set {pair!r} is not KEY=VALUE", "e.g. --set steps=100 --set lora_r=8")
-        key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return out
 
 
 def split_options(pairs: list[str] | None, own: str, allowed_prefixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:

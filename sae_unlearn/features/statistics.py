@@ -138,7 +138,7 @@ def encode_valid_tokens(
     return out
 
 
-def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
+def accumulate_latents(acc: dict[str, Any], side: str, latents: Latents) -> None:
     if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
         values, ids = latents
         v, i = values.flatten().float().cpu(), ids.flatten().cpu()
@@ -210,7 +210,7 @@ def compute_stats(
     for side, texts in (("forget", forget), ("retain", retain)):
         for batch in iter_batches(texts, loaded.tokenizer, batch_size, max_length):
             for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
-                _accumulate(acc[layer], side, latents)
+                accumulate_latents(acc[layer], side, latents)
             done += batch["input_ids"].shape[0]
             if progress is not None:
                 progress(done, total)

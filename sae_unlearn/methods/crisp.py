@@ -193,7 +193,7 @@ class CrispMethod(AdapterMethod):
             cfg.seed,
             amsgrad=True,
         )
-        loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
+        loss_fn = CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
         summary = trainer.train(
             loss_fn,
             steps,
@@ -205,7 +205,7 @@ class CrispMethod(AdapterMethod):
         return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
 
 
-class _CrispLoss:
+class CrispLoss:
     """Callable(step) -> (total, {term: value}); deterministic batches from (seed, step)."""
 
     def __init__(

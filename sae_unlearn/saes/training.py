@@ -116,7 +116,7 @@ def count_sequences(texts: Sequence[str], tokenizer: Any, context_size: int) -> 
     return sum(1 for _ in pack_sequences(texts, tokenizer, context_size, 0))
 
 
-def _batched(seqs: Iterator[list[int]], n: int) -> Iterator[torch.Tensor]:
+def batch_sequences(seqs: Iterator[list[int]], n: int) -> Iterator[torch.Tensor]:
     batch: list[list[int]] = []
     for seq in seqs:
         batch.append(seq)
@@ -330,7 +330,7 @@ def trainable_parameters(sae: Any) -> dict[str, torch.nn.Parameter]:
     return {"W_enc_rows": rows, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
 
 
-def _new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, device: str = "cpu") -> Any:
+def new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, device: str = "cpu") -> Any:
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
     sae_cfg = TopKTrainingSAEConfig(
@@ -383,9 +383,7 @@ class SAETrainer:
                 "give more text or a smaller --batch",
             )
         self.total_sequences = int(self.seq_per_epoch * cfg.epochs)
-        self.saes = {
-            layer: _new_sae(cfg, loaded.d_model, layer, model_spec, str(loaded.device)) for layer in cfg.layers
-        }
+        self.saes = {layer: new_sae(cfg, loaded.d_model, layer, model_spec, str(loaded.device)) for layer in cfg.layers}
         self.params = {layer: trainable_parameters(s) for layer, s in self.saes.items()}
         self.optimizers = {layer: new_optimizer(p, cfg.lr) for layer, p in self.params.items()}
         d_sae = loaded.d_model * cfg.expansion
@@ -412,7 +410,7 @@ class SAETrainer:
             epoch += 1
 
     def _activation_stream(self, start: int) -> Iterator[dict[int, torch.Tensor]]:
-        for ids in _batched(self._sequence_stream(start), self.cfg.model_batch):
+        for ids in batch_sequences(self._sequence_stream(start), self.cfg.model_batch):
             self.state.sequences_done += ids.shape[0]
             began = time.perf_counter()
             acts = layer_activations(self.loaded, ids, self.cfg.layers)
