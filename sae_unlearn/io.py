@@ -1,4 +1,4 @@
-"""Atomic writes and output-directory guards: nothing a user had is overwritten or lost."""
+"""Atomic writes: nothing a user had is overwritten or lost."""
 
 from __future__ import annotations
 
@@ -98,21 +98,6 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def prepare_output_dir(path: str | Path, overwrite: bool, marker_files: tuple[str, ...] = ()) -> Path:
-    """Create an output directory, refusing one that already holds results.
-
-    With `overwrite`, only files this tool writes (`marker_files`) are replaced, never deleted
-    wholesale: a user's other files in the directory stay untouched.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file, not a directory", "choose a directory path for --out")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already holds files", "pass --overwrite to write into it, or choose an empty --out")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

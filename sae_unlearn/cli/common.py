@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -97,6 +98,20 @@ def check_device(device: str) -> str:
 
     resolve_device(device)
     return device
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an --out directory that is a file, or that already holds files unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file", "choose a directory for --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already holds files", "pass --overwrite, or choose another --out")
+
+
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """Refuse an --out file that already exists unless --overwrite."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
 
 
 def parse_layers(text: str) -> list[int]:

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
-from sae_unlearn.cli.common import MODEL_HELP, SAE_HELP, Reporter, check_device, console, friendly_errors, stdout, table
+from sae_unlearn.cli.common import (
+    MODEL_HELP,
+    SAE_HELP,
+    Reporter,
+    check_device,
+    check_out_dir,
+    check_out_file,
+    console,
+    friendly_errors,
+    stdout,
+    table,
+)
 from sae_unlearn.errors import UserError
 from sae_unlearn.options import parse_options
 
@@ -47,18 +58,6 @@ def split_options(pairs: list[str] | None, own: str, allowed_prefixes: tuple[str
     return groups
 
 
-def _refuse_existing_file(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file", "choose a directory for --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already holds files", "pass --overwrite, or choose another --out")
-
-
 @app.command()
 @friendly_errors
 def features(
@@ -83,7 +82,7 @@ def features(
     from sae_unlearn.models import load_model
     from sae_unlearn.saes import load_saes_for
 
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     # bare keys and features.KEY are both strategy parameters here; --set k=5 is --k 5
     groups = split_options(set_, "features", ("features",))
     chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
@@ -169,7 +168,7 @@ def unlearn(
     method_config(method, options)
     chosen = make_strategy(strategy, **{"k": k, **groups.get("features", {})})
     if not resume:
-        _check_out(out, overwrite)
+        check_out_dir(out, overwrite)
     check_device(device)
     pack = load_pack(concept)
     needs_saes = METHODS[method].needs_saes
@@ -320,7 +319,7 @@ def eval_(
     from sae_unlearn.models import load_model
     from sae_unlearn.runs import read_config
 
-    _refuse_existing_file(out, overwrite)
+    check_out_file(out, overwrite)
     if concept is None and not probes:
         raise UserError("nothing to evaluate on", "pass --concept PACK or --probes FILE")
     pack = load_pack(concept) if concept else None
@@ -424,7 +423,7 @@ def _run_experiment(
     from sae_unlearn.evaluation.experiment import run_experiment
     from sae_unlearn.models import load_model
 
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     check_device(device)
     started = time.perf_counter()
     loaded = load_model(experiment.model, dtype=dtype, device=device)
@@ -594,7 +593,7 @@ def concept_generate(
     from sae_unlearn.io import atomic_write_text
     from sae_unlearn.models import load_model
 
-    _refuse_existing_file(out, overwrite)
+    check_out_file(out, overwrite)
     if not prompts.exists():
         raise UserError(f"prompt file not found: {prompts}")
     lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
