@@ -1,4 +1,4 @@
-"""Atomic writes: nothing a user had is overwritten or lost."""
+"""Atomic writes and training checkpoints: nothing a user had is overwritten or lost."""
 
 from __future__ import annotations
 
@@ -98,6 +98,25 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_checkpoint(ckpt: Path, tensors: dict[str, Any], state: dict[str, Any], indent: int | None = None) -> None:
+    """A training checkpoint (SAE trainer, adapter trainer): CKPT/state.safetensors holds the tensors,
+    CKPT/state.json the rest; the directory is replaced in one rename. No pickles."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(ckpt, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=indent))
+
+
+def read_checkpoint(ckpt: Path, run_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors and the state of a checkpoint written by `write_checkpoint`."""
+    from safetensors.torch import load_file
+
+    if not (ckpt / "state.json").exists():
+        raise UserError(f"no checkpoint to resume in {run_dir}", "run without --resume to start fresh")
+    return load_file(str(ckpt / "state.safetensors"), device=device), json.loads((ckpt / "state.json").read_text())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -4,7 +4,6 @@ Tokenising and hidden-state capture live in models.batch (re-exported here for t
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -13,10 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.io import atomic_dir
+from sae_unlearn.io import atomic_dir, read_checkpoint, write_checkpoint
 from sae_unlearn.methods.base import MethodContext
 from sae_unlearn.models.batch import Batch, Hidden, hidden_at_layers, tokenize  # noqa: F401  (re-exported)
 from sae_unlearn.models.generation import generate
@@ -193,21 +191,17 @@ class AdapterTrainer:
         tensors["rng"] = torch.get_rng_state()
         if fluent is not None:
             tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
-        with atomic_dir(self.ckpt, overwrite=True) as tmp:
-            save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(asdict(self.state)))
+        write_checkpoint(self.ckpt, tensors, asdict(self.state))
 
     def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
-        if not (self.ckpt / "state.json").exists():
-            raise UserError(f"no checkpoint to resume in {self.ctx.out}", "run without --resume")
-        tensors = load_file(str(self.ckpt / "state.safetensors"))
+        tensors, saved = read_checkpoint(self.ckpt, self.ctx.out)
         self._load_adapter_tensors({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
         for i, p in enumerate(self.params):
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
             if state:
                 self.opt.state[p] = state
         torch.set_rng_state(tensors["rng"])
-        self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
+        self.state = TrainState(**saved)
         fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
         return fluent or None

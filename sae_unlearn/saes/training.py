@@ -9,7 +9,6 @@ activations and loads with plain `SAE.load_from_disk`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -22,10 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.io import atomic_dir, atomic_write_json
+from sae_unlearn.io import atomic_dir, atomic_write_json, read_checkpoint, write_checkpoint
 from sae_unlearn.models.hooks import capture_resid_post, hook_name, special_token_ids, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel, bf16_is_fast
 from sae_unlearn.saes.topk import topk_last_dim
@@ -506,17 +504,11 @@ class SAETrainer:
             "config": asdict(self.cfg),
             "max_norm": {str(layer): s.max_norm for layer, s in self.stats.items()},
         }
-        ckpt = self.out / "checkpoint"
-        with atomic_dir(ckpt, overwrite=True) as tmp:
-            save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        write_checkpoint(self.out / "checkpoint", tensors, meta, indent=1)
         self.last_checkpoint_step = self.state.step
 
     def load_checkpoint(self) -> None:
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "state.json").exists():
-            raise UserError(f"no checkpoint to resume in {self.out}", "run without --resume to start fresh")
-        meta = json.loads((ckpt / "state.json").read_text())
+        tensors, meta = read_checkpoint(self.out / "checkpoint", self.out, device=str(self.loaded.device))
         saved_cfg = {k: v for k, v in meta["config"].items() if k not in ("checkpoint_every", "eval_tokens")}
         now_cfg = {k: v for k, v in asdict(self.cfg).items() if k not in ("checkpoint_every", "eval_tokens")}
         if saved_cfg != now_cfg:
@@ -525,7 +517,6 @@ class SAETrainer:
                 f"the checkpoint in {self.out} was made with other settings ({', '.join(diff)})",
                 "resume with the same options, or start a new --out",
             )
-        tensors = load_file(str(ckpt / "state.safetensors"), device=str(self.loaded.device))
         for layer in self.cfg.layers:
             sae = self.saes[layer]
             sae.load_state_dict({n: tensors[f"L{layer}.sae.{n}"] for n in sae.state_dict()})
