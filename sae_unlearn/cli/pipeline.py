@@ -193,10 +193,6 @@ def unlearn(
                 selection = find_features(
                     loaded, saes, pack, chosen, progress=lambda done, total: reporter.update(done, total)
                 )
-            if selection.model not in (loaded.spec,) and selection.model_source != loaded.source:
-                raise UserError(
-                    f"the features were selected on model {selection.model!r}", f"pass --model {selection.model}"
-                )
         reporter.stage(f"unlearn {method}")
         run_unlearn(
             method,

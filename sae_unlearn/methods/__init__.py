@@ -59,6 +59,9 @@ def unlearn(
     cls = METHODS[method]
     if cls.needs_saes and (features is None or not saes):
         raise UserError(f"method {method} needs SAEs and selected features")
+    if cls.needs_saes and features is not None:
+        made_for = {"model": features.model, "model_source": features.model_source}
+        check_same_model(made_for, loaded.spec, loaded.source, "the feature selection")
     seed = getattr(config, "seed", 0)
     random.seed(seed)
     torch.manual_seed(seed)
