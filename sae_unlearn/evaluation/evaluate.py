@@ -41,7 +41,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.adversarial import adversarial
 from sae_unlearn.evaluation.record import build_record
 from sae_unlearn.evaluation.relearning import RelearnConfig, grid, relearning_evaluation
-from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
+from sae_unlearn.evaluation.scoring import answer_wins, option_logprobs, score_probes
 from sae_unlearn.features import load_features
 from sae_unlearn.features.statistics import encode_layers, iter_batches
 from sae_unlearn.methods import apply
@@ -253,7 +253,7 @@ def evaluate(
 
 def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> float:
     lp = option_logprobs(model, tokenizer, targets)
-    return float(np.mean([int(np.argmax(s)) == 0 for s in lp]))
+    return float(np.mean(answer_wins(lp)))
 
 
 def relearn_config(cfg: EvalConfig) -> RelearnConfig:

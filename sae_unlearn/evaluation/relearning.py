@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.scoring import option_logprobs
+from sae_unlearn.evaluation.scoring import answer_wins, option_logprobs
 from sae_unlearn.methods import apply_merged
 from sae_unlearn.models.batch import tokenize
 from sae_unlearn.models.loading import LoadedModel
@@ -242,7 +242,7 @@ def _lora_targets(model: Any) -> list[str]:
 def _measure(model: Any, tokenizer: Any, scored: Sequence[Probe], ppl_texts: Sequence[str]) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    right = [int(np.argmax(s)) == 0 for s in option_logprobs(model, tokenizer, scored)]
+    right = answer_wins(option_logprobs(model, tokenizer, scored)).tolist()
     ppl = perplexity(model, tokenizer, ppl_texts) if ppl_texts else None
     model.train(was_training)
     return {"target_acc": float(np.mean(right)) if right else float("nan"), "generic_ppl": ppl, "right": right}

@@ -42,6 +42,11 @@ def letter_prompt(probe: Probe, options: Sequence[str]) -> str:
     return f"Question: {probe.prompt}\n{lines}\nAnswer:"
 
 
+def answer_wins(scores: Sequence[Sequence[float]]) -> np.ndarray:
+    """[n_probes] bool: the answer (option 0: Probe.options lists it first) has the highest score."""
+    return np.array([int(np.argmax(s)) == 0 for s in scores], dtype=bool)
+
+
 @dataclass
 class OptionScores:
     """Per probe, per option (in probe.options order): summed log-probability and token count."""
@@ -66,7 +71,7 @@ class OptionScores:
     def right(self, kind: str) -> np.ndarray:
         """[n_probes] bool: the answer (option 0) wins under `kind` (logprob, logprob_sum, logprob_per_byte)."""
         scores = {"logprob": self.mean, "logprob_sum": self.total, "logprob_per_byte": self.per_byte}[kind]
-        return np.array([int(np.argmax(s)) == 0 for s in scores], dtype=bool)
+        return answer_wins(scores)
 
 
 @torch.no_grad()
