@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
+from sae_unlearn.methods.persistent import epoch_batch
 from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.models.loading import LoadedModel
@@ -126,20 +126,6 @@ def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -
     return float(((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).mean())
 
 
-class _EpochBatches:
-    """Deterministic batches: each epoch a fresh shuffle seeded by (seed, salt, epoch)."""
-
-    def __init__(self, texts: list[str], batch_size: int, seed: int, salt: int) -> None:
-        self.texts, self.batch_size, self.seed, self.salt = texts, batch_size, seed, salt
-
-    def __call__(self, step: int) -> list[str]:
-        per_epoch = max(1, len(self.texts) // self.batch_size)
-        epoch, i = divmod(step, per_epoch)
-        order = list(range(len(self.texts)))
-        random.Random(self.seed * 1000 + self.salt * 100 + epoch).shuffle(order)
-        return [self.texts[j] for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
-
-
 @register
 class RmuMethod(Method):
     name = "rmu"
@@ -183,16 +169,16 @@ class RmuMethod(Method):
         originals = {k: p.detach().clone() for k, p in params.items()}
         master = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
         opt = torch.optim.AdamW(list(master.values()), lr=cfg.lr)
-        forget_batches = _EpochBatches(forget, cfg.batch_size, cfg.seed, 1)
-        retain_batches = _EpochBatches(retain, cfg.batch_size, cfg.seed, 2)
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         terms: dict[str, float] = {}
         try:
             for p in params.values():
                 p.requires_grad_(True)
             for step in range(cfg.steps):
-                f_batch = tokenize(loaded.tokenizer, forget_batches(step), cfg.max_length, loaded.device)
-                r_batch = tokenize(loaded.tokenizer, retain_batches(step), cfg.max_length, loaded.device)
+                f_texts = epoch_batch(forget, cfg.batch_size, cfg.seed, step, 1)
+                r_texts = epoch_batch(retain, cfg.batch_size, cfg.seed, step, 2)
+                f_batch = tokenize(loaded.tokenizer, f_texts, cfg.max_length, loaded.device)
+                r_batch = tokenize(loaded.tokenizer, r_texts, cfg.max_length, loaded.device)
                 frozen_f, frozen_r = self._frozen(loaded, params, originals, master, f_batch, r_batch, layer)
                 # gradients reach the model-dtype weights; we step a float32 master copy
                 h_f = hidden_at_layers(loaded.model, f_batch, [layer]).hidden[layer]
