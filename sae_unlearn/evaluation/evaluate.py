@@ -48,7 +48,7 @@ from sae_unlearn.methods import apply
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import read_config
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 from sae_unlearn.text_metrics import fluency_metrics, perplexity, text_nlls
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,9 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     selection = load_features(run_dir)
     saes = [
         s
-        for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device), dtype=loaded.dtype)
+        for s in load_saes_from_spec(
+            config["sae"], model_spec=config["model"], device=str(loaded.device), dtype=loaded.dtype
+        )
         if s.layer in selection.by_layer()
     ]
     probe = dataclasses.replace(loaded, model=model)

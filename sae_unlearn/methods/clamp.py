@@ -24,7 +24,7 @@ from sae_unlearn.methods.base import Method, MethodContext, register
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
 from sae_unlearn.models.hooks import token_policy
 from sae_unlearn.models.loading import LoadedModel
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ class InterventionMethod(Method):
     @contextlib.contextmanager
     def install(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:
         intervention = Intervention.load(run_dir / "intervention.json")
-        saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device), dtype=loaded.dtype)
+        saes = load_saes_from_spec(
+            intervention.sae, model_spec=intervention.model, device=str(loaded.device), dtype=loaded.dtype
+        )
         with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
             yield loaded.model
 
