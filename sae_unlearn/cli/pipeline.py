@@ -297,7 +297,7 @@ def eval_(
     run: Annotated[Path | None, typer.Option(help="a run directory to apply (default: the base model)")] = None,
     model: ModelOpt = "embedded",
     probe_split: Annotated[str, typer.Option(help="report (held out from tuning), tune or all")] = "report",
-    letter: Annotated[bool, typer.Option(help="also score by answer letter (under every rotation of the options)")] = True,
+    letter: Annotated[bool, typer.Option(help="also score by answer letter (under every rotation)")] = True,
     adversarial: Annotated[bool, typer.Option(help="re-ask target probes under adversarial templates")] = True,
     relearn: Annotated[bool, typer.Option(help="run the relearning attack")] = True,
     lm_eval_tasks: Annotated[str | None, typer.Option(help="comma-separated lm-eval tasks, e.g. wmdp_bio,mmlu")] = None,
