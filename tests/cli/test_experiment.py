@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sae_unlearn.cli import app
-from sae_unlearn.cli.pipeline import experiment_overrides, load_cli_experiment
+from sae_unlearn.cli.experiment import experiment_overrides, load_cli_experiment
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.compare import CompareConfig
 from sae_unlearn.evaluation.evaluate import EvalConfig
