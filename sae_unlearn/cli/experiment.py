@@ -76,19 +76,10 @@ def experiment_overrides(
 
 
 def load_cli_experiment(config: str | None, fast: bool, overrides: dict[str, Any]) -> Experiment:
-    """The experiment a compare/demo command line describes, checked before anything loads.
-
-    When --methods is given without --attack, the file's attack list keeps only the methods that run.
-    """
+    """The experiment a compare/demo command line describes, checked before anything loads: the same
+    as `load_experiment` from Python with the same options."""
     from sae_unlearn.evaluation.experiment import load_experiment
-    from sae_unlearn.methods import METHODS
 
-    if "methods" in overrides and "robustness_for" not in overrides.get("eval", {}):
-        every_method = {"methods": sorted(METHODS)}  # read the file's list without checking it against its methods
-        attacked = load_experiment(config, fast=fast, overrides=every_method).compare.eval.robustness_for
-        if attacked is not None:
-            keep = [m for m in attacked if m in ("base", *overrides["methods"])]
-            overrides = {**overrides, "eval": {**overrides.get("eval", {}), "robustness_for": keep}}
     return load_experiment(config, fast=fast, overrides=overrides)
 
 
