@@ -151,7 +151,7 @@ def measure(divisor: int, device_name: str, dtype_name: str) -> dict[str, Any]:
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.features.statistics import compute_stats
     from sae_unlearn.methods.base import MethodContext
-    from sae_unlearn.methods.crisp import CrispConfig, _CrispLoss
+    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss
     from sae_unlearn.methods.persistent import AdapterTrainer, default_lora_layers
     from sae_unlearn.models.loading import ComputeDtype, LoadedModel, resolve_device, resolve_dtype
 
@@ -197,7 +197,7 @@ def measure(divisor: int, device_name: str, dtype_name: str) -> dict[str, Any]:
             ctx, default_lora_layers(SAE_LAYERS), cfg.target_modules, cfg.lora_r, 8, cfg.lora_dropout, cfg.lr, 0
         )
         features = {s.layer: torch.arange(10) * 97 for s in saes}
-        loss_fn = _CrispLoss(ctx, cfg, {s.layer: s for s in saes}, features)
+        loss_fn = CrispLoss(ctx, cfg, {s.layer: s for s in saes}, features)
         peak.reset()
         began = time.perf_counter()
         trainer.model.train()

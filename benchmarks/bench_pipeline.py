@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sae_unlearn.features.statistics import _accumulate, encode_valid_tokens
+from sae_unlearn.features.statistics import accumulate_latents, encode_valid_tokens
 from sae_unlearn.models import load_model
 from sae_unlearn.models.hooks import capture_resid_post, decoder_blocks
 from sae_unlearn.saes import load_saes_for
@@ -112,7 +112,7 @@ def statistics_pass(loaded: Any, saes: list[Any], ids: torch.Tensor) -> Callable
     def stats_pass() -> None:
         for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
             acc[layer]["forget_tokens"] = 0
-            _accumulate(acc[layer], "forget", latents)
+            accumulate_latents(acc[layer], "forget", latents)
 
     return stats_pass
 
@@ -216,18 +216,18 @@ def main() -> None:
     from sae_unlearn.saes.training import (
         SAETrainer,
         SAETrainingConfig,
-        _new_sae,
         new_optimizer,
+        new_sae,
         topk_training_losses,
         trainable_parameters,
     )
 
     cfg = SAETrainingConfig(layers=layers, expansion=saes[0].d_sae // loaded.d_model, k=int(saes[0].sae.cfg.k))
     device = str(loaded.device)
-    train_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}
+    train_saes = {layer: new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}
     params = {layer: trainable_parameters(s) for layer, s in train_saes.items()}
     opts = {layer: new_optimizer(p, 1e-4) for layer, p in params.items()}
-    lens_saes = {layer: _new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}  # plain W_enc
+    lens_saes = {layer: new_sae(cfg, loaded.d_model, layer, "bench", device) for layer in layers}  # plain W_enc
     lens_opts = {layer: new_optimizer(dict(s.named_parameters()), 1e-4) for layer, s in lens_saes.items()}
     dead = (torch.rand(saes[0].d_sae, generator=torch.Generator().manual_seed(0)) < 0.1).to(loaded.device)
 
@@ -320,7 +320,7 @@ def main() -> None:
     # (last: get_peft_model wraps the model in place)
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.methods.base import MethodContext
-    from sae_unlearn.methods.crisp import CrispConfig, _CrispLoss
+    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss
     from sae_unlearn.methods.persistent import AdapterTrainer, default_lora_layers, tokenize
 
     crisp_cfg = CrispConfig()
@@ -329,7 +329,7 @@ def main() -> None:
         trainer = AdapterTrainer(
             ctx, default_lora_layers(layers), crisp_cfg.target_modules, 4, 8, 0.05, 1e-4, 0, amsgrad=True
         )
-        loss_fn = _CrispLoss(ctx, crisp_cfg, {s.layer: s for s in saes}, {s.layer: torch.arange(10) for s in saes})
+        loss_fn = CrispLoss(ctx, crisp_cfg, {s.layer: s for s in saes}, {s.layer: torch.arange(10) for s in saes})
         texts = [loss_fn._batch(loss_fn.forget, 0, 1), loss_fn._batch(loss_fn.retain, 0, 2), loss_fn.coherence[:1]]
         batches = [tokenize(loaded.tokenizer, t, crisp_cfg.max_length, loaded.device) for t in texts]
 

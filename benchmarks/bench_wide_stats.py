@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sae_unlearn.features.statistics import LATENT_CHUNK, _accumulate, encode_valid_tokens, iter_batches
+from sae_unlearn.features.statistics import LATENT_CHUNK, accumulate_latents, encode_valid_tokens, iter_batches
 from sae_unlearn.models import load_model
 from sae_unlearn.saes.loading import LoadedSAE
 
@@ -44,7 +44,7 @@ def run(loaded, sae: LoadedSAE, batches: list, chunk: int) -> tuple[float, float
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for batch in batches:
-        _accumulate(acc, "forget", encode_valid_tokens(loaded, [sae], batch, chunk_latents=chunk)[sae.layer])
+        accumulate_latents(acc, "forget", encode_valid_tokens(loaded, [sae], batch, chunk_latents=chunk)[sae.layer])
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / len(batches)

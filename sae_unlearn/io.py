@@ -1,4 +1,4 @@
-"""Atomic writes and output-directory guards: nothing a user had is overwritten or lost."""
+"""Atomic writes and training checkpoints: nothing a user had is overwritten or lost."""
 
 from __future__ import annotations
 
@@ -100,19 +100,23 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool, marker_files: tuple[str, ...] = ()) -> Path:
-    """Create an output directory, refusing one that already holds results.
+def write_checkpoint(ckpt: Path, tensors: dict[str, Any], state: dict[str, Any], indent: int | None = None) -> None:
+    """A training checkpoint (SAE trainer, adapter trainer): CKPT/state.safetensors holds the tensors,
+    CKPT/state.json the rest; the directory is replaced in one rename. No pickles."""
+    from safetensors.torch import save_file
 
-    With `overwrite`, only files this tool writes (`marker_files`) are replaced, never deleted
-    wholesale: a user's other files in the directory stay untouched.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file, not a directory", "choose a directory path for --out")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already holds files", "pass --overwrite to write into it, or choose an empty --out")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    with atomic_dir(ckpt, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=indent))
+
+
+def read_checkpoint(ckpt: Path, run_dir: Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors and the state of a checkpoint written by `write_checkpoint`."""
+    from safetensors.torch import load_file
+
+    if not (ckpt / "state.json").exists():
+        raise UserError(f"no checkpoint to resume in {run_dir}", "run without --resume to start fresh")
+    return load_file(str(ckpt / "state.safetensors"), device=device), json.loads((ckpt / "state.json").read_text())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,4 +1,5 @@
-"""Check option values against a config dataclass's field types, before anything slow runs.
+"""Check option values against a config dataclass's field types, before anything slow runs; parse
+`--set KEY=VALUE` pairs (`parse_options`, for the CLI and the scripts alike).
 
 Options reach configs from `--set KEY=VALUE` (strings, or JSON-parsed scalars/lists) and from TOML
 experiment files (typed values). `coerce_options` turns each into the field's declared type or raises
@@ -142,4 +143,22 @@ def coerce_options(cls: type, options: dict[str, Any], *, owner: str, prefix: st
             out[key] = _coerce(value, types_by_name[key])
         except _BadValue as e:
             raise UserError(f"{prefix}{key} must be {e.needs}", f"got {value!r}") from None
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--set key=value pairs (values parsed as JSON when they can be: 3, 0.5, true, [3,4])."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} is not KEY=VALUE", "e.g. --set steps=100 --set lora_r=8")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
     return out

@@ -2,7 +2,8 @@
 
     RUN_DIR/config.json      every setting, package versions, seed
     RUN_DIR/features.json    the features the method used (absent for RMU)
-    RUN_DIR/adapter/         PEFT adapter (crisp, rmu)       -- or --
+    RUN_DIR/adapter/         PEFT adapter (crisp, npo)       -- or --
+    RUN_DIR/rmu_weights.safetensors  the updated parameters (rmu)  -- or --
     RUN_DIR/intervention.json  SAE edits (clamp, ablate)
     RUN_DIR/train_log.jsonl  one JSON object per logged step (persistent methods)
 No pickles: everything is JSON or safetensors.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,13 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def check_same_model(config: dict[str, Any], model_spec: str, model_source: str, run_dir: Path) -> None:
-    if config.get("model") != model_spec and config.get("model_source") != model_source:
+def check_same_model(made_for: Mapping[str, Any], model_spec: str, model_source: str, what: str | Path) -> None:
+    """Refuse a run directory or feature selection (`what`) made for another model: `made_for` is its
+    config.json or features.json, which name the model spec ("model") and source ("model_source")."""
+    if made_for.get("model") != model_spec and made_for.get("model_source") != model_source:
         raise UserError(
-            f"{run_dir} was made for model {config.get('model')!r}, not {model_spec!r}",
-            f"pass --model {config.get('model')}",
+            f"{what} was made for model {made_for.get('model')!r}, not {model_spec!r}",
+            f"pass --model {made_for.get('model')}",
         )
 
 

@@ -97,7 +97,6 @@ def sample_from_model(
     torch.manual_seed(seed)
     loaded = load_model(model, device=device)
     tok, model = loaded.tokenizer, loaded.model
-    tok.padding_side = "left"
     vocab_ids = sorted({t for s in vocab_text for t in tok(s, add_special_tokens=False).input_ids} | set(VOCAB_EXTRA))
     vocab = torch.tensor(vocab_ids, device=loaded.device)
     head = model.get_output_embeddings().weight[vocab].float()
@@ -108,7 +107,7 @@ def sample_from_model(
     rng = random.Random(seed)
     while made < n_tokens:
         prompts = [rng.choice(seeds) for _ in range(batch)]
-        enc = tok(prompts, return_tensors="pt", padding=True).to(loaded.device)
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
         mask, ids, cache = enc.attention_mask, enc.input_ids, None
         generated = []
         if loaded.device.type == "cuda":  # a GPU runs the plain HF sampler (full vocabulary) fast enough

@@ -20,9 +20,9 @@ FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 
 
 def prepare(carry: Path) -> None:
-    from sae_unlearn.models.loading import _embedded_gguf, convert_gguf_to_cache
+    from sae_unlearn.models.loading import convert_gguf_to_cache, embedded_gguf
 
-    source = convert_gguf_to_cache(_embedded_gguf("embedded"), "embedded")
+    source = convert_gguf_to_cache(embedded_gguf("embedded"), "embedded")
     target = carry / "stand-in"
     target.mkdir(parents=True, exist_ok=True)
     for name in FILES:

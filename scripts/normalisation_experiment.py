@@ -17,11 +17,11 @@ from sae_unlearn.models.loading import load_model
 from sae_unlearn.saes.training import (
     NORMALIZATION_EXPONENTS,
     SAETrainingConfig,
-    _batched,
-    _new_sae,
+    batch_sequences,
     layer_activations,
     learning_rate,
     new_optimizer,
+    new_sae,
     normalization_scale,
     pack_sequences,
     topk_training_losses,
@@ -33,7 +33,7 @@ log = logging.getLogger("normalisation_experiment")
 
 def capture(loaded, texts: list[str], layer: int, n_tokens: int, seed: int) -> torch.Tensor:
     chunks, n = [], 0
-    for ids in _batched(pack_sequences(texts, loaded.tokenizer, 128, seed), 16):
+    for ids in batch_sequences(pack_sequences(texts, loaded.tokenizer, 128, seed), 16):
         chunks.append(layer_activations(loaded, ids, [layer])[layer])
         n += chunks[-1].shape[0]
         if n >= n_tokens:
@@ -63,7 +63,7 @@ def main() -> None:
     for name in NORMALIZATION_EXPONENTS:
         scale = normalization_scale(train, mean, name)
         x_train = (train - mean) / scale
-        sae = _new_sae(cfg, train.shape[1], args.layer, "embedded")
+        sae = new_sae(cfg, train.shape[1], args.layer, "embedded")
         params = trainable_parameters(sae)
         opt = new_optimizer(params, cfg.lr)
         since_fired, step = torch.zeros(sae.cfg.d_sae), 0

@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 
 from sae_unlearn.concepts.pack import RINGS, load_pack
-from sae_unlearn.evaluation.scoring import accuracy, option_logprobs
+from sae_unlearn.evaluation.scoring import accuracy, answer_wins, option_logprobs
 from sae_unlearn.models import load_model
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     loaded = load_model(args.model)
     pack = load_pack(args.concept)
     scores = option_logprobs(loaded.model, loaded.tokenizer, pack.probes)
-    right = np.array([int(np.argmax(s)) == 0 for s in scores])
+    right = answer_wins(scores)
     for ring in RINGS:
         idx = [i for i, p in enumerate(pack.probes) if p.ring == ring]
         acc = accuracy(right[idx])

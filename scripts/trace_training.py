@@ -12,11 +12,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from sae_unlearn.cli.pipeline import parse_options
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models import load_model
+from sae_unlearn.options import parse_options
 
 
 def main() -> None:

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sae_unlearn.cli.pipeline import parse_options
 from sae_unlearn.concepts.pack import RINGS, load_pack
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
 from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import METHODS, unlearn
 from sae_unlearn.models import load_model
+from sae_unlearn.options import parse_options
 from sae_unlearn.saes import load_saes_for
 
 

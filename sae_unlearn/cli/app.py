@@ -22,3 +22,8 @@ DtypeOpt = Annotated[
     typer.Option(help="auto (the dtype that fits the device: bf16 where the CPU/GPU supports it), float32 or bfloat16"),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when torch sees a GPU, else CPU), cpu, cuda or cuda:N")]
+
+ConceptOpt = Annotated[
+    str, typer.Option("--concept", "-c", help="a built-in pack name (harry-potter) or a pack directory")
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="write into an --out that already holds files")]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, app
-from sae_unlearn.cli.common import friendly_errors, stdout, table
+from sae_unlearn.cli.common import check_out_file, friendly_errors, stdout, table
 from sae_unlearn.errors import UserError
 
 MERGED_MARKER = "sae_unlearn_run.json"  # written by `sae-unlearn export --merged`
@@ -83,8 +83,7 @@ def attack(
 
     config, merged = run_config(run_dir)
     target = out or run_dir / "attack.json"
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists", "pass --overwrite, or choose another --out")
+    check_out_file(target, overwrite)
     if ppl_ratio_max <= 1:
         raise UserError(f"--ppl-ratio-max {ppl_ratio_max} must be above 1", "e.g. --ppl-ratio-max 1.5")
     attacks = grid(grid_name)

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sae_unlearn.errors import UserError
+from sae_unlearn.options import parse_options
 
 
 def _width(stream: Any) -> int | None:
@@ -105,6 +107,44 @@ def check_device(device: str) -> str:
 
     resolve_device(device)
     return device
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an --out directory that is a file, or that already holds files unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file", "choose a directory for --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already holds files", "pass --overwrite, or choose another --out")
+
+
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """Refuse an --out file that already exists unless --overwrite."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists", "pass --overwrite, or choose another --out")
+
+
+def split_options(pairs: list[str] | None, own: str, allowed_prefixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """--set pairs grouped by prefix: `own` for bare keys, else the part before the first dot.
+
+    `allowed_prefixes` are the groups this command takes; any other prefix is a one-line error.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in parse_options(pairs).items():
+        group, name = key.split(".", 1) if "." in key else (own, key)
+        if group not in allowed_prefixes:
+            raise UserError(
+                f"--set {key}=...: this command takes no {group}. options",
+                "use "
+                + " or ".join(
+                    f"--set {p}.OPTION=VALUE" if p != own else "--set OPTION=VALUE" for p in allowed_prefixes
+                ),
+            )
+        groups.setdefault(group, {})[name] = value
+    return groups
+
+
+def format_terms(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in terms.items())
 
 
 def parse_layers(text: str) -> list[int]:

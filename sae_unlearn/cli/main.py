@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -9,10 +10,13 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli import attack, chat, pipeline  # noqa: F401  (register their commands)
 from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
 from sae_unlearn.cli.common import Reporter, check_device, friendly_errors, parse_layers, setup_logging, stdout, table
 from sae_unlearn.errors import UserError
+
+# each command group registers its commands on import, in this order in --help
+for _group in ("attack", "chat", "features", "unlearn", "evaluate", "experiment", "export", "concept"):
+    importlib.import_module(f"sae_unlearn.cli.{_group}")
 
 __all__ = ["app"]
 

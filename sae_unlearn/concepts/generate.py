@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from sae_unlearn.evaluation.text import foreign_script_share, repeated_ngram_share
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.text_metrics import foreign_script_share, repeated_ngram_share
 
 
 def keep_paragraph(prompt: str, text: str, min_words: int = 30, max_repeat: float = 0.2) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sae_unlearn.concepts.pack import Probe
-from sae_unlearn.evaluation.scoring import accuracy, option_logprobs
+from sae_unlearn.evaluation.scoring import accuracy, answer_wins, option_logprobs
 
 TEMPLATES: dict[str, str] = {
     "plain": "{q}",
@@ -70,7 +70,7 @@ def adversarial(
     lp = option_logprobs(model, tokenizer, items)
     right = {"plain": np.array(plain_right, dtype=bool)} if plain_right is not None else {}
     for i, name in enumerate(variants):
-        right[name] = np.array([int(np.argmax(s)) == 0 for s in lp[i * len(probes) : (i + 1) * len(probes)]])
+        right[name] = answer_wins(lp[i * len(probes) : (i + 1) * len(probes)])
     union = np.stack(list(right.values())).any(0)
     n_options = [len(p.options) for p in probes]
     return {

@@ -72,7 +72,11 @@ def compare(
     experiment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`experiment`: the settings that reproduce this run (evaluation/experiment.py), embedded in
-    results.json; by default the concept's name, the model spec and `cfg`."""
+    results.json; by default the concept's name, the model spec and `cfg`.
+
+    `cfg` is used as given. For the settings `sae-unlearn compare` would use with the same options (the
+    experiment files' defaults, e.g. the shipped SAEs' clamp values, and --fast), build it with
+    `load_experiment(..., fast=..., overrides=...)` and call `run_experiment`, as the CLI does."""
     cfg.validate()  # again: fields may have changed since construction
     say = stage or (lambda _m: None)
     out.mkdir(parents=True, exist_ok=True)

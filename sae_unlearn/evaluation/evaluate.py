@@ -41,15 +41,15 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.adversarial import adversarial
 from sae_unlearn.evaluation.record import build_record
 from sae_unlearn.evaluation.relearning import RelearnConfig, grid, relearning_evaluation
-from sae_unlearn.evaluation.scoring import option_logprobs, score_probes
-from sae_unlearn.evaluation.text import fluency_metrics, perplexity, text_nlls
+from sae_unlearn.evaluation.scoring import answer_wins, option_logprobs, score_probes
 from sae_unlearn.features import load_features
 from sae_unlearn.features.statistics import encode_layers, iter_batches
 from sae_unlearn.methods import apply
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import read_config
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
+from sae_unlearn.text_metrics import fluency_metrics, perplexity, text_nlls
 
 log = logging.getLogger(__name__)
 RESULTS_VERSION = 1
@@ -116,7 +116,9 @@ def feature_levels(loaded: LoadedModel, model: Any, run_dir: Path, texts: Sequen
     selection = load_features(run_dir)
     saes = [
         s
-        for s in load_saes(config["sae"], model_spec=config["model"], device=str(loaded.device), dtype=loaded.dtype)
+        for s in load_saes_from_spec(
+            config["sae"], model_spec=config["model"], device=str(loaded.device), dtype=loaded.dtype
+        )
         if s.layer in selection.by_layer()
     ]
     probe = dataclasses.replace(loaded, model=model)
@@ -253,7 +255,7 @@ def evaluate(
 
 def target_accuracy(model: Any, tokenizer: Any, targets: Sequence[Probe]) -> float:
     lp = option_logprobs(model, tokenizer, targets)
-    return float(np.mean([int(np.argmax(s)) == 0 for s in lp]))
+    return float(np.mean(answer_wins(lp)))
 
 
 def relearn_config(cfg: EvalConfig) -> RelearnConfig:

@@ -174,7 +174,24 @@ def load_experiment(
     spec: str | Path | None = None, *, fast: bool = False, overrides: Mapping[str, Any] | None = None
 ) -> Experiment:
     """The experiment in `spec` (a file, a results.json, or a built-in name; None: the defaults),
-    with the --fast settings and `overrides` on top; each value checked against its field's type."""
+    with the --fast settings and `overrides` on top; each value checked against its field's type.
+
+    When `overrides` names the methods but not the attacked models (eval.robustness_for), the attack
+    list of the layers below keeps only the methods that run (and base)."""
+    overrides = dict(overrides or {})
+    eval_overrides = overrides.get("eval", {})
+    if "methods" in overrides and isinstance(eval_overrides, Mapping) and "robustness_for" not in eval_overrides:
+        every_method = {"methods": sorted(METHODS)}  # read the file's list without checking it against its methods
+        attacked = _load_experiment(spec, fast=fast, overrides=every_method).compare.eval.robustness_for
+        if attacked is not None:
+            keep = [m for m in attacked if m in ("base", *overrides["methods"])]
+            overrides = {**overrides, "eval": {**eval_overrides, "robustness_for": keep}}
+    return _load_experiment(spec, fast=fast, overrides=overrides)
+
+
+def _load_experiment(
+    spec: str | Path | None = None, *, fast: bool = False, overrides: Mapping[str, Any] | None = None
+) -> Experiment:
     data = read_experiment_file("default")
     if spec is not None:
         data = merge(data, read_experiment_file(spec))

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.scoring import option_logprobs
-from sae_unlearn.evaluation.text import perplexity
-from sae_unlearn.methods import attach_permanently
-from sae_unlearn.methods.persistent import tokenize
+from sae_unlearn.evaluation.scoring import answer_wins, option_logprobs
+from sae_unlearn.methods import apply_merged
+from sae_unlearn.models.batch import tokenize
 from sae_unlearn.models.loading import LoadedModel, main_device
+from sae_unlearn.text_metrics import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _lora_targets(model: Any) -> list[str]:
 def _measure(model: Any, tokenizer: Any, scored: Sequence[Probe], ppl_texts: Sequence[str]) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    right = [int(np.argmax(s)) == 0 for s in option_logprobs(model, tokenizer, scored)]
+    right = answer_wins(option_logprobs(model, tokenizer, scored)).tolist()
     ppl = perplexity(model, tokenizer, ppl_texts) if ppl_texts else None
     model.train(was_training)
     return {"target_acc": float(np.mean(right)) if right else float("nan"), "generic_ppl": ppl, "right": right}
@@ -309,7 +309,7 @@ def attacked_copy(loaded: LoadedModel, run: Path | LoadedModel | None, dtype: st
     private = dataclasses.replace(loaded, model=model)
     with contextlib.ExitStack() as stack:
         if isinstance(run, Path):
-            model = attach_permanently(private, run, stack)
+            model = stack.enter_context(apply_merged(private, run))
         model.requires_grad_(False)
         yield model
     del model, private

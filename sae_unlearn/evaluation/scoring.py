@@ -27,6 +27,7 @@ import torch
 
 from sae_unlearn.concepts.pack import RINGS, Probe
 from sae_unlearn.errors import UserError
+from sae_unlearn.models.batch import logits_at
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 from sae_unlearn.models.loading import main_device
 
@@ -42,12 +43,9 @@ def letter_prompt(probe: Probe, options: Sequence[str]) -> str:
     return f"Question: {probe.prompt}\n{lines}\nAnswer:"
 
 
-def logits_at(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """Logits [n, vocab] at (rows, cols) only: the body runs once, the lm_head only where needed."""
-    hidden = decoder_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return lm_head_logits(model, hidden[rows, cols])
+def answer_wins(scores: Sequence[Sequence[float]]) -> np.ndarray:
+    """[n_probes] bool: the answer (option 0: Probe.options lists it first) has the highest score."""
+    return np.array([int(np.argmax(s)) == 0 for s in scores], dtype=bool)
 
 
 @dataclass
@@ -74,7 +72,7 @@ class OptionScores:
     def right(self, kind: str) -> np.ndarray:
         """[n_probes] bool: the answer (option 0) wins under `kind` (logprob, logprob_sum, logprob_per_byte)."""
         scores = {"logprob": self.mean, "logprob_sum": self.total, "logprob_per_byte": self.per_byte}[kind]
-        return np.array([int(np.argmax(s)) == 0 for s in scores], dtype=bool)
+        return answer_wins(scores)
 
 
 @torch.no_grad()
@@ -162,10 +160,10 @@ def letter_choices(
             answers.append(order.index(0))
             n_options.append(len(options))
             owners.append(pi)
-    tokenizer.padding_side = "right"
     right: list[bool] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        batch = prompts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="right").to(device)
         last = enc.attention_mask.sum(-1) - 1
         logits = logits_at(model, enc.input_ids, enc.attention_mask, torch.arange(len(last)), last.cpu()).cpu()
         for row, (n, answer) in enumerate(

@@ -66,12 +66,12 @@ def iter_batches(
     texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches of whole paragraphs (truncated at max_length), BOS added by the tokenizer."""
-    tokenizer.padding_side = "right"
     for start in range(0, len(texts), batch_size):
         yield tokenizer(
             list(texts[start : start + batch_size]),
             return_tensors="pt",
             padding=True,
+            padding_side="right",
             truncation=True,
             max_length=max_length,
         )
@@ -139,7 +139,7 @@ def encode_valid_tokens(
     return out
 
 
-def _accumulate(acc: dict[str, Any], side: str, latents: Latents) -> None:
+def accumulate_latents(acc: dict[str, Any], side: str, latents: Latents) -> None:
     if isinstance(latents, tuple):  # sparse: touch only the k active entries per token
         values, ids = latents
         v, i = values.flatten().float(), ids.flatten()
@@ -216,7 +216,7 @@ def compute_stats(
     for side in SIDES:
         for batch in iter_batches(shares[side], loaded.tokenizer, batch_size, max_length):
             for layer, latents in encode_valid_tokens(loaded, saes, batch).items():
-                _accumulate(acc[layer], side, latents)
+                accumulate_latents(acc[layer], side, latents)
             done += batch["input_ids"].shape[0]
             if progress is not None and ranks.is_main:
                 progress(done, total)

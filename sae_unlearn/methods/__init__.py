@@ -1,5 +1,6 @@
-"""Unlearning methods behind one interface (registry: crisp, clamp, ablate, rmu, npo), plus `apply` and
-`export_merged` for their run directories."""
+"""Unlearning methods behind one interface (registry: crisp, clamp, ablate, rmu, npo; methods/base.py):
+`unlearn` runs one and writes its run directory; `apply`, `apply_merged` and `export_merged` read a run
+directory and hand it to the method that wrote it."""
 
 from __future__ import annotations
 
@@ -14,24 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
 from sae_unlearn.features import FeatureSelection
 from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.methods import clamp, crisp, npo, rmu  # noqa: F401  (registration)
-from sae_unlearn.methods.base import METHODS, MethodContext, method_config
-from sae_unlearn.methods.interventions import Intervention, install
+from sae_unlearn.methods.base import METHODS, Method, MethodContext, method_config
 from sae_unlearn.methods.preset import load_preset, model_family
-from sae_unlearn.models.hooks import decoder_blocks, token_policy
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import RUN_VERSION, check_same_model, read_config, versions
-from sae_unlearn.saes.loading import LoadedSAE, load_saes
+from sae_unlearn.saes.loading import LoadedSAE
 
 log = logging.getLogger(__name__)
-__all__ = ["METHODS", "apply", "export_merged", "method_config", "unlearn"]
-ADAPTER_METHODS = ("crisp", "npo")  # run directories holding a PEFT adapter
+__all__ = ["METHODS", "apply", "apply_merged", "export_merged", "method_config", "method_of", "unlearn"]
 
 
 def unlearn(
@@ -62,6 +59,9 @@ def unlearn(
     cls = METHODS[method]
     if cls.needs_saes and (features is None or not saes):
         raise UserError(f"method {method} needs SAEs and selected features")
+    if cls.needs_saes and features is not None:
+        made_for = {"model": features.model, "model_source": features.model_source}
+        check_same_model(made_for, loaded.spec, loaded.source, "the feature selection")
     seed = getattr(config, "seed", 0)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -105,104 +105,45 @@ def unlearn(
     return out
 
 
+def method_of(run_dir: Path) -> tuple[dict[str, Any], type[Method]]:
+    """A run directory's config.json and the registered method that wrote it."""
+    config = read_config(run_dir)
+    if config["method"] not in METHODS:
+        raise UserError(f"{run_dir}/config.json names unknown method {config['method']!r}")
+    return config, METHODS[config["method"]]
+
+
 @contextlib.contextmanager
 def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
     """Install a run's unlearning on the model; yields the model to call. Fully undone on exit."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    config, method = method_of(run_dir)
     check_same_model(config, loaded.spec, loaded.source, run_dir)
-    method = config["method"]
-    if method in ("clamp", "ablate"):
-        intervention = Intervention.load(run_dir / "intervention.json")
-        saes = load_saes(intervention.sae, model_spec=intervention.model, device=str(loaded.device), dtype=loaded.dtype)
-        with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
-            yield loaded.model
-    elif method in ADAPTER_METHODS:
-        from peft import PeftModel
+    with method.install(loaded, run_dir) as model:
+        yield model
 
-        adapter = run_dir / "adapter"
-        if not (adapter / "adapter_config.json").exists():
-            raise UserError(f"{adapter} is missing", "the run did not finish: resume it with --resume")
-        try:
-            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
-        except Exception as e:
-            raise UserError(
-                f"cannot apply the adapter in {adapter}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                "it was made for another base model",
-            ) from e
-        peft_model.eval()
-        try:
-            yield peft_model
-        finally:
-            loaded.model = peft_model.unload()
-    elif method == "rmu":
-        path = run_dir / "rmu_weights.safetensors"
-        if not path.exists():
-            raise UserError(f"{path} is missing", "the run did not finish")
-        weights = load_file(str(path))
-        blocks = decoder_blocks(loaded.model)
-        params = {}
-        for name in weights:
-            layer, rest = name.split(".", 1)
-            params[name] = blocks[int(layer)].get_parameter(rest)
-            if params[name].shape != weights[name].shape:
-                raise UserError(
-                    f"{path}: {name} has shape {tuple(weights[name].shape)}, the model's is "
-                    f"{tuple(params[name].shape)}",
-                    "it was made for another base model",
-                )
-        originals = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(weights[k].to(p.device, p.dtype))
-        try:
-            yield loaded.model
-        finally:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(originals[k])
-    else:
-        raise UserError(f"{run_dir}/config.json names unknown method {method!r}")
+
+@contextlib.contextmanager
+def apply_merged(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
+    """Like `apply`, yielding a plain transformers model (to fine-tune, e.g. in attacks): an adapter is
+    merged into `loaded.model`'s weights for good, so pass a `loaded` whose model is yours to change
+    (a throwaway copy); hooks and swapped weights are undone on exit."""
+    run_dir = Path(run_dir)
+    config, method = method_of(run_dir)
+    check_same_model(config, loaded.spec, loaded.source, run_dir)
+    with method.install_merged(loaded, run_dir) as model:
+        yield model
 
 
 def export_merged(loaded: LoadedModel, run_dir: str | Path, out: Path, overwrite: bool = False) -> Path:
-    """Write a full HF model (safetensors) with the run's weights merged in: loads with plain transformers."""
-    config = read_config(run_dir)
-    if config["method"] in ("clamp", "ablate"):
-        raise UserError(
-            f"{config['method']} is an inference-time intervention and has no weights to merge",
-            "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/npo/rmu run",
-        )
+    """Write a full HF model (safetensors) with the run's weights merged in: loads with plain transformers.
+    `loaded.model` is left as it was."""
     run_dir = Path(run_dir)
+    config, method = method_of(run_dir)
+    method.check_exportable()
+    check_same_model(config, loaded.spec, loaded.source, run_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if config["method"] in ADAPTER_METHODS:
-            from peft import PeftModel
-
-            from sae_unlearn.models.loading import load_model
-
-            check_same_model(config, loaded.spec, loaded.source, run_dir)
-            merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
-            merged.save_pretrained(str(tmp))
-            # merging wrote the LoRA deltas into the base weights in place: reload clean ones
-            loaded.model = load_model(
-                loaded.spec, dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device)
-            ).model
-        else:
-            with apply(loaded, run_dir) as model:
-                model.save_pretrained(str(tmp))
+        method.export(loaded, run_dir, tmp)
         loaded.tokenizer.save_pretrained(str(tmp))
         (tmp / "sae_unlearn_run.json").write_text(json.dumps(config, indent=1))
     return out
-
-
-def attach_permanently(loaded: LoadedModel, run_dir: str | Path, stack: contextlib.ExitStack) -> Any:
-    """Make the run part of `loaded.model` for good (used on throwaway copies, e.g. for attacks):
-    adapters are merged, RMU weights copied in, interventions installed until `stack` closes."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if config["method"] in ("clamp", "rmu", "ablate"):
-        stack.enter_context(apply(loaded, run_dir))
-        return loaded.model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()

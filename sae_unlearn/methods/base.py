@@ -1,10 +1,13 @@
-"""One interface for every unlearning method: a dataclass config with the published defaults and
-`run(ctx)`, which writes the method's artifact into the run directory."""
+"""One interface for every unlearning method, which owns its whole life: a dataclass config with the
+published defaults, `run(ctx)` (writes the method's artifact into the run directory), `install`
+(puts a run's artifact on a model until exit), `install_merged` (the same as a plain model, for a
+caller that owns the model) and `export` (writes a full model with the run's weights in it)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +35,7 @@ class MethodContext:
 class Method:
     name: ClassVar[str] = ""
     needs_saes: ClassVar[bool] = True
-    persistent: ClassVar[bool] = False
+    persistent: ClassVar[bool] = False  # changes weights (adapter, swapped parameters): `export` can merge them
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -41,6 +44,35 @@ class Method:
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         """Write the artifact into ctx.out and return a summary for config.json."""
         raise NotImplementedError
+
+    @classmethod
+    def install(cls, loaded: LoadedModel, run_dir: Path) -> AbstractContextManager[Any]:
+        """Put the run's artifact on `loaded.model` (hooks, adapter or swapped weights); yields the model to
+        call. On exit `loaded.model` is as it was."""
+        raise NotImplementedError
+
+    @classmethod
+    def install_merged(cls, loaded: LoadedModel, run_dir: Path) -> AbstractContextManager[Any]:
+        """`install`, yielding a plain transformers model (no PEFT wrapper) to fine-tune or save. Methods
+        whose artifact is an adapter merge it into `loaded.model`'s weights, which is not undone: call it
+        on a model you own (a throwaway copy)."""
+        return cls.install(loaded, run_dir)
+
+    @classmethod
+    def export(cls, loaded: LoadedModel, run_dir: Path, out: Path) -> None:
+        """Write the model with the run's weights merged in (`save_pretrained`) into the directory `out`,
+        leaving `loaded.model` as it was."""
+        cls.check_exportable()
+        with cls.install(loaded, run_dir) as model:
+            model.save_pretrained(str(out))
+
+    @classmethod
+    def check_exportable(cls) -> None:
+        if not cls.persistent:
+            raise UserError(
+                f"{cls.name} is an inference-time intervention and has no weights to merge",
+                "use sae_unlearn.apply(model, RUN_DIR) at inference, or export a crisp/npo/rmu run",
+            )
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -1,5 +1,7 @@
 """Inference-time methods: conditional clamping (arXiv 2503.11127), its refusal variant, and feature
 ablation by negative scaling (the INLP project). Both write intervention.json; nothing is trained.
+`install` loads the run's SAEs and hooks the edits in (methods.interventions.install); there are no
+weights to export.
 
 Refusal clamp: on the refusal feature's layer, wherever any selected feature fires above the
 threshold, the refusal feature is set to `refusal_value` instead of clamping the selected features
@@ -7,16 +9,22 @@ threshold, the refusal feature is set to `refusal_value` instead of clamping the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.features.selection import SelectedFeature
 from sae_unlearn.io import atomic_write_json
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.interventions import Intervention, LayerEdit
+from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
+from sae_unlearn.models.hooks import token_policy
+from sae_unlearn.models.loading import LoadedModel
+from sae_unlearn.saes.loading import load_saes_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,20 @@ def _selected(ctx: MethodContext) -> dict[int, list[int]]:
     if ctx.features is None:
         raise UserError("this method needs selected features", "run feature selection first (sae-unlearn features)")
     return ctx.features.by_layer()
+
+
+class InterventionMethod(Method):
+    """A method whose artifact is intervention.json: SAE edits as forward hooks, removed on exit."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def install(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:
+        intervention = Intervention.load(run_dir / "intervention.json")
+        saes = load_saes_from_spec(
+            intervention.sae, model_spec=intervention.model, device=str(loaded.device), dtype=loaded.dtype
+        )
+        with install(loaded.model, saes, intervention, token_policy(loaded.tokenizer)):
+            yield loaded.model
 
 
 @dataclass
@@ -75,7 +97,7 @@ def derived_clamp(features: list[SelectedFeature], threshold_fraction: float, va
 
 
 @register
-class ClampMethod(Method):
+class ClampMethod(InterventionMethod):
     name = "clamp"
     Config = ClampConfig
 
@@ -131,7 +153,7 @@ class AblateConfig:
 
 
 @register
-class AblateMethod(Method):
+class AblateMethod(InterventionMethod):
     name = "ablate"
     Config = AblateConfig
 

@@ -29,16 +29,16 @@ import torch
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
-from sae_unlearn.methods.base import Method, MethodContext, register
+from sae_unlearn.methods.adapter import AdapterMethod
+from sae_unlearn.methods.base import MethodContext, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
     FrozenReference,
     default_lora_layers,
     epoch_batch,
-    hidden_at_layers,
     relative_mse,
-    tokenize,
 )
+from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 from sae_unlearn.saes.edit import (
     activate_columns,
@@ -161,9 +161,8 @@ def retain_kl(
 
 
 @register
-class CrispMethod(Method):
+class CrispMethod(AdapterMethod):
     name = "crisp"
-    persistent = True
     Config = CrispConfig
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
@@ -198,7 +197,7 @@ class CrispMethod(Method):
             cfg.seed,
             amsgrad=True,
         )
-        loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
+        loss_fn = CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
         summary = trainer.train(
             loss_fn,
             steps,
@@ -215,7 +214,7 @@ def tokenize_valid(tokenizer: Any, texts: list[str], cfg: CrispConfig) -> torch.
     return tokenize(tokenizer, texts, cfg.max_length, torch.device("cpu")).valid
 
 
-class _CrispLoss:
+class CrispLoss:
     """Callable(step) -> (total, {term: value}); deterministic batches from (seed, step)."""
 
     def __init__(

@@ -24,8 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
-from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import AdapterTrainer, Batch, epoch_batch, hidden_at_layers, tokenize
+from sae_unlearn.methods.adapter import AdapterMethod
+from sae_unlearn.methods.base import MethodContext, register
+from sae_unlearn.methods.persistent import AdapterTrainer, epoch_batch
+from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 
 log = logging.getLogger(__name__)
@@ -122,10 +124,9 @@ def sequence_logprobs(model: Any, batch: Batch, chunk: int = 256) -> torch.Tenso
 
 
 @register
-class NpoMethod(Method):
+class NpoMethod(AdapterMethod):
     name = "npo"
     needs_saes = False
-    persistent = True
     Config = NpoConfig
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:

@@ -1,9 +1,9 @@
-"""Shared machinery of the persistent (LoRA) methods: batches, hidden states without the lm_head,
-the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping."""
+"""Shared machinery of the persistent (LoRA) methods: seeded batches, the frozen model's cached hidden
+states, the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping.
+Tokenising and hidden-state capture live in models.batch (re-exported here for the method modules)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -12,22 +12,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
-from sae_unlearn.evaluation.text import fluency_metrics
-from sae_unlearn.io import atomic_dir
+from sae_unlearn.io import atomic_dir, read_checkpoint, write_checkpoint
 from sae_unlearn.methods.base import MethodContext
+from sae_unlearn.models.batch import Batch, Hidden, hidden_at_layers, tokenize  # noqa: F401  (re-exported)
 from sae_unlearn.models.generation import generate
-from sae_unlearn.models.hooks import (
-    capture_resid_post,
-    capture_resid_post_and_final,
-    decoder_blocks,
-    token_policy,
-    valid_token_mask,
-)
+from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.runs import TrainLog
+from sae_unlearn.text_metrics import fluency_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,42 +40,11 @@ LossFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    valid: torch.Tensor  # no BOS, no padding, no position 0 without BOS (models.hooks.TokenPolicy)
-
-
-@dataclass
-class Hidden:
-    hidden: dict[int, torch.Tensor]
-    final: torch.Tensor | None = None
-
-
-@dataclass
 class TrainState:
     step: int = 0
     last_fluent_step: int = 0
     stopped_early: bool = False
     fluency_ratio: float | None = None
-
-
-def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device, keep_first: bool = False
-) -> Batch:
-    tokenizer.padding_side = "right"
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-    valid = valid_token_mask(enc.input_ids, enc.attention_mask, token_policy(tokenizer, keep_first))
-    return Batch(enc.input_ids, enc.attention_mask, valid)
-
-
-def hidden_at_layers(model: Any, batch: Batch, layers: Sequence[int] | None, final: bool = False) -> Hidden:
-    """resid_post (block outputs) at `layers` (forward stopped at the deepest unless `final`) and/or
-    the final normed hidden state (`final`, or `layers` None), all from `models.hooks`."""
-    if layers is None or final:
-        hidden, last = capture_resid_post_and_final(model, batch.input_ids, batch.attention_mask, layers or [])
-        return Hidden(hidden, last)
-    return Hidden(capture_resid_post(model, batch.input_ids, batch.attention_mask, layers))
 
 
 class FrozenReference:
@@ -254,15 +217,11 @@ class AdapterTrainer:
         if fluent is not None:
             tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
         if world().is_main:  # data-parallel: every rank holds the same adapter and optimiser state
-            with atomic_dir(self.ckpt, overwrite=True) as tmp:
-                save_file(tensors, str(tmp / "state.safetensors"))
-                (tmp / "state.json").write_text(json.dumps(asdict(self.state)))
+            write_checkpoint(self.ckpt, tensors, asdict(self.state))
         world().barrier()
 
     def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
-        if not (self.ckpt / "state.json").exists():
-            raise UserError(f"no checkpoint to resume in {self.ctx.out}", "run without --resume")
-        tensors = load_file(str(self.ckpt / "state.safetensors"))
+        tensors, saved = read_checkpoint(self.ckpt, self.ctx.out)
         self._load_adapter_tensors({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
         for i, p in enumerate(self.params):
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
@@ -272,7 +231,7 @@ class AdapterTrainer:
         cuda_states = [tensors[f"cuda_rng.{i}"] for i in range(len(tensors)) if f"cuda_rng.{i}" in tensors]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
+        self.state = TrainState(**saved)
         fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
         return fluent or None
@@ -354,7 +313,7 @@ class AdapterTrainer:
                     self.model.save_pretrained(str(tmp))
             ranks.barrier()
         finally:
-            ctx.loaded.model = self.model.unload()  # the base model, LoRA layers removed, unchanged
+            self.model.unload()  # removes the LoRA layers: ctx.loaded.model is the base model again, unchanged
         return {
             "steps_done": self.state.step,
             "stopped_early": self.state.stopped_early,

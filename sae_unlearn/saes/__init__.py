@@ -10,7 +10,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_write_json
 from sae_unlearn.models.hooks import check_layers
 from sae_unlearn.models.loading import LoadedModel
-from sae_unlearn.saes.loading import LoadedSAE, check_compatible, load_saes, shipped_dir_for
+from sae_unlearn.saes.loading import LoadedSAE, check_compatible, load_saes_from_spec, shipped_dir_for
 from sae_unlearn.saes.quality import SAEQuality, evaluate_saes
 from sae_unlearn.saes.training import SAETrainer, SAETrainingConfig
 
@@ -23,8 +23,8 @@ __all__ = [
     "SAETrainingConfig",
     "check_compatible",
     "evaluate_saes",
-    "load_saes",
     "load_saes_for",
+    "load_saes_from_spec",
     "shipped_dir_for",
     "train_saes",
 ]
@@ -32,7 +32,7 @@ __all__ = [
 
 def load_saes_for(loaded: LoadedModel, spec: str = "shipped") -> list[LoadedSAE]:
     """Load SAEs and check they fit the model (hidden size and layer)."""
-    saes = load_saes(spec, model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
+    saes = load_saes_from_spec(spec, model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
     check_compatible(saes, loaded.n_layers, loaded.d_model)
     return saes
 
@@ -52,7 +52,7 @@ def train_saes(
     trainer = SAETrainer(loaded, cfg, texts, out, loaded.spec)
     trainer.train(resume=resume, progress=progress)
     trainer.export(out)
-    saes = load_saes(str(out), model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
+    saes = load_saes_from_spec(str(out), model_spec=loaded.spec, device=str(loaded.device), dtype=loaded.dtype)
     eval_texts = list(heldout) if heldout else list(texts)[-max(1, len(texts) // 20) :]
     if not heldout:
         log.warning("no held-out text given: quality is measured on the last 5%% of the training corpus")

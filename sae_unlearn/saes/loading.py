@@ -126,7 +126,7 @@ def _load_release(release: str, sae_id: str, device: str, dtype: torch.dtype | N
         ) from e
 
 
-def load_saes(
+def load_saes_from_spec(
     spec: str, model_spec: str = "embedded", device: str = "cpu", dtype: torch.dtype | None = None
 ) -> list[LoadedSAE]:
     """Load every SAE named by `spec` (see module doc), sorted by layer.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sae_unlearn.models.hooks import capture_resid_post, edit_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.loading import LoadedSAE
-from sae_unlearn.saes.training import _batched, pack_sequences
+from sae_unlearn.saes.training import batch_sequences, pack_sequences
 
 
 @dataclass
@@ -81,7 +81,7 @@ def evaluate_saes(
         for s in saes
     }
     seen = 0
-    for ids in _batched(pack_sequences(texts, loaded.tokenizer, context_size, 1234), batch):
+    for ids in batch_sequences(pack_sequences(texts, loaded.tokenizer, context_size, 1234), batch):
         ids = ids.to(loaded.device)
         mask = valid_token_mask(ids, None, specials)
         acts = capture_resid_post(loaded.model, ids, None, layers)

@@ -78,9 +78,9 @@ def test_chat_reads_the_adapter_once(loaded, sae_dir: Path, pack_dir: Path, tmp_
     from sae_unlearn.features import find_features, make_strategy
     from sae_unlearn.methods import apply, unlearn
     from sae_unlearn.models.generation import generate
-    from sae_unlearn.saes.loading import load_saes
+    from sae_unlearn.saes.loading import load_saes_from_spec
 
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     pack = load_pack(pack_dir)
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from sae_unlearn.cli import app
-from sae_unlearn.cli.pipeline import experiment_overrides, load_cli_experiment
+from sae_unlearn.cli.experiment import experiment_overrides, load_cli_experiment
 from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.compare import CompareConfig
 from sae_unlearn.evaluation.evaluate import EvalConfig
-from sae_unlearn.evaluation.experiment import Experiment, load_experiment
+from sae_unlearn.evaluation.experiment import Experiment, load_experiment, run_experiment
 
 SHIPPED_CLAMP = {"value": -5.0, "threshold": 2.0}
 FAST_EVAL = {
@@ -169,3 +170,49 @@ def test_results_json_reruns_the_same_experiment(
     assert again["experiment"] == results["experiment"]
     for name in ("base", "ablate"):
         assert again["methods"][name]["probes"] == results["methods"][name]["probes"]
+
+
+def _stable(value: Any) -> Any:
+    """results.json without what differs between two runs of the same experiment: timings and the date."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in ("seconds", "created")}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def test_python_and_cli_compare_write_the_same_results(
+    model_dir: Path, sae_dir: Path, pack_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same options through `sae-unlearn compare` and through load_experiment + run_experiment from
+    Python: the same experiment (the experiment files' defaults included) and the same results.json."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--concept", str(pack_dir), "--model", str(model_dir), "--sae", str(sae_dir), "--methods", "ablate"]
+    settings = ["features.min_ratio=0.0", "eval.probe_split=all", "eval.letter=false", "eval.adversarial=false"]
+    settings += ["eval.relearn=false", "eval.fluency_tokens=4", "eval.max_ppl_texts=2", "k=3"]
+    args += ["--fast", *[a for s in settings for a in ("--set", s)], "--out", "cli", "--dtype", "float32"]
+    cli = CliRunner().invoke(app, ["compare", *args])
+    assert cli.exit_code == 0, cli.output
+
+    overrides = {
+        "concept": str(pack_dir),
+        "model": str(model_dir),
+        "sae": str(sae_dir),
+        "methods": ["ablate"],
+        "k": 3,
+        "strategy_options": {"min_ratio": 0.0},
+        "eval": {
+            "probe_split": "all",
+            "letter": False,
+            "adversarial": False,
+            "relearn": False,
+            "fluency_tokens": 4,
+            "max_ppl_texts": 2,
+        },
+    }
+    experiment = load_experiment(fast=True, overrides=overrides)
+    run_experiment(experiment, tmp_path / "python", dtype="float32")
+    from_cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    from_python = json.loads((tmp_path / "python" / "results.json").read_text())
+    assert from_cli["experiment"] == experiment.to_dict()
+    assert _stable(from_cli) == _stable(from_python)

@@ -127,7 +127,7 @@ def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> Non
 def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Path, tmp_path: Path) -> None:
     import json
 
-    from sae_unlearn.cli.pipeline import stage_estimates
+    from sae_unlearn.cli.experiment import stage_estimates
     from sae_unlearn.evaluation.experiment import Experiment
 
     out = tmp_path / "out"

@@ -10,7 +10,7 @@ from sae_unlearn.evaluation.compare import CompareConfig, compare
 from sae_unlearn.evaluation.evaluate import EvalConfig, evaluate
 from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import unlearn
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 
 FAST = EvalConfig(probe_split="all", relearn_steps=2, relearn_eval_at=[0, 2], fluency_tokens=6, max_ppl_texts=4)
 
@@ -26,7 +26,7 @@ def test_evaluate_base_and_run(loaded, sae_dir, pack_dir, tmp_path: Path) -> Non
     assert base["adversarial"]["chance"]["any_template"] == pytest.approx(1 - 0.75**6)
     assert base["record"]["config"]["relearn_steps"] == 2 and base["record"]["pack"]["name"] == "zorbo"
     assert {"probes", "reactivation"} <= set(base["validity"]["invalid"])  # the "all" split; a 12-paragraph pack
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), with_examples=False)
     run = unlearn(
         "ablate",

@@ -17,7 +17,7 @@ from sae_unlearn.evaluation.scoring import (
     question_prompt,
     score_probes,
 )
-from sae_unlearn.evaluation.text import distinct_n, foreign_script_share, repeated_ngram_share
+from sae_unlearn.text_metrics import distinct_n, foreign_script_share, repeated_ngram_share
 from tests.conftest import FAMILIES, tiny_model
 
 PROBES = [

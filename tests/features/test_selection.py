@@ -8,7 +8,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.features import find_features
 from sae_unlearn.features.selection import make_strategy
 from sae_unlearn.features.statistics import LayerStats, compute_stats
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 
 
 def stats(fc, rc, fs, rs, n_f=100, n_r=100) -> LayerStats:
@@ -61,7 +61,7 @@ def test_strategy_errors() -> None:
 
 
 def test_statistics_mask_bos_and_padding(loaded, sae_dir) -> None:
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     texts_f, texts_r = ["a b c d e", "a"], ["x y"]
     result = compute_stats(loaded, saes, texts_f, texts_r, batch_size=2, use_cache=False)
     n_valid = sum(len(loaded.tokenizer(t).input_ids) - 1 for t in texts_f)  # minus BOS, no padding
@@ -74,7 +74,7 @@ def test_sparse_statistics_equal_dense_encoding(loaded, sae_dir) -> None:
     """The TopK fast path (never densified) gives exactly the numbers of SAELens' dense encode."""
     from sae_unlearn.features.statistics import encode_layers, iter_batches
 
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     texts_f, texts_r = ["a b c d e f g", "a c", "b b b d"], ["x y", "y z x w"]
     result = compute_stats(loaded, saes, texts_f, texts_r, batch_size=2, use_cache=False)
     for side, texts in (("forget", texts_f), ("retain", texts_r)):
@@ -92,7 +92,7 @@ def test_sparse_statistics_equal_dense_encoding(loaded, sae_dir) -> None:
 
 
 def test_statistics_cache_invalidation(loaded, sae_dir, monkeypatch) -> None:
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     calls = []
     import sae_unlearn.features.statistics as st
 
@@ -110,7 +110,7 @@ def test_statistics_cache_invalidation(loaded, sae_dir, monkeypatch) -> None:
 
 
 def test_find_features_end_to_end(loaded, sae_dir, pack_dir, tmp_path) -> None:
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     pack = load_pack(pack_dir)
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=3, min_ratio=0.0), batch_size=4)
     assert selection.features and all(f.layer in (1, 2) for f in selection.features)

@@ -19,7 +19,7 @@ from sae_unlearn.methods import apply, unlearn
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
 from sae_unlearn.models.hooks import capture_resid_post, token_policy, valid_token_mask
 from sae_unlearn.models.loading import LoadedModel
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model
 from tests.saes.synthetic import silence_feature, synthetic_sae
 
@@ -68,7 +68,7 @@ def test_token_policy_drops_position_zero_without_bos() -> None:
 @pytest.mark.parametrize("family", sorted(SETUPS))
 def test_statistics_equal_counts_from_saelens_encode(family: str, tmp_path: Path) -> None:
     loaded, spec = _setup(family, tmp_path)
-    saes = load_saes(spec)
+    saes = load_saes_from_spec(spec)
     texts = FORGET[:4]
     stats = compute_stats(loaded, saes, texts, RETAIN[:2], batch_size=2, max_length=32, use_cache=False)
     policy = token_policy(loaded.tokenizer)
@@ -96,7 +96,7 @@ def test_statistics_equal_counts_from_saelens_encode(family: str, tmp_path: Path
 def test_features_each_method_and_evaluate(family: str, tmp_path: Path) -> None:
     loaded, spec = _setup(family, tmp_path)
     pack = load_pack(_pack(tmp_path / "pack"))
-    saes = load_saes(spec)
+    saes = load_saes_from_spec(spec)
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=3, min_ratio=0.0), batch_size=4, max_length=32
     )
@@ -139,7 +139,7 @@ def _pack(root: Path) -> Path:
 
 def test_edit_hooks_leave_position_zero_without_bos(tmp_path: Path) -> None:
     loaded, spec = _setup("llama", tmp_path)
-    saes = load_saes(spec)
+    saes = load_saes_from_spec(spec)
     ids = loaded.tokenizer(["The wizard Zorbo lives in the tower"], return_tensors="pt").input_ids
     everything = Intervention("clamp", loaded.spec, spec, [LayerEdit(1, list(range(1, 96)), "clamp", value=-3.0)])
     with torch.no_grad():

@@ -13,7 +13,7 @@ from sae_unlearn.methods import apply, export_merged, method_config, unlearn
 from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, retain_kl
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
 from sae_unlearn.methods.persistent import relative_mse
-from sae_unlearn.saes.loading import LoadedSAE, load_saes
+from sae_unlearn.saes.loading import LoadedSAE, load_saes_from_spec
 from tests.conftest import tiny_sae
 
 
@@ -123,7 +123,7 @@ def test_method_options_are_checked() -> None:
 
 @pytest.fixture
 def setup(loaded, sae_dir, pack_dir):
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     pack = load_pack(pack_dir)
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False

@@ -12,7 +12,7 @@ from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import unlearn
 from sae_unlearn.methods.base import method_config
 from sae_unlearn.methods.preset import load_preset, model_family, preset_names
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 
 
 def test_presets_are_data_with_the_published_numbers() -> None:
@@ -38,7 +38,7 @@ def test_presets_are_data_with_the_published_numbers() -> None:
 def test_unlearn_with_a_preset_uses_its_options_under_explicit_ones(loaded, sae_dir, pack_dir, tmp_path: Path) -> None:
     assert model_family(loaded.model) == "llama"
     pack = load_pack(pack_dir)
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     selection = find_features(loaded, saes, pack, make_strategy("crisp", k=2, min_ratio=0.0), batch_size=4)
     explicit = {"lora_layers": [0, 1, 2], "max_length": 16, "checkpoint_every": 0, "batch_size": 2}
     run = unlearn(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_unlearn.errors import UserError
-from sae_unlearn.saes.loading import check_compatible, load_saes
+from sae_unlearn.saes.loading import check_compatible, load_saes_from_spec
 from sae_unlearn.saes.training import (
     NormStats,
     SAETrainer,
@@ -22,7 +22,7 @@ from tests.conftest import FORGET, RETAIN
 def test_round_trip_save_load(sae_dir: Path) -> None:
     from sae_lens import SAE
 
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     assert [s.layer for s in saes] == [1, 2]
     direct = SAE.load_from_disk(str(sae_dir / "blocks.1.hook_resid_post"))
     x = torch.randn(5, 64)
@@ -30,7 +30,7 @@ def test_round_trip_save_load(sae_dir: Path) -> None:
 
 
 def test_mismatch_errors_say_what_differs(sae_dir: Path) -> None:
-    saes = load_saes(str(sae_dir))
+    saes = load_saes_from_spec(str(sae_dir))
     with pytest.raises(UserError, match="reads vectors of size 64 but the model's hidden size is 576"):
         check_compatible(saes, n_layers=30, d_model=576)
     with pytest.raises(UserError, match=r"reads blocks.2.hook_resid_post but the model has blocks 0..1"):
@@ -39,15 +39,15 @@ def test_mismatch_errors_say_what_differs(sae_dir: Path) -> None:
 
 def test_bad_specs(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown SAE spec"):
-        load_saes("nonsense")
+        load_saes_from_spec("nonsense")
     (tmp_path / "x").mkdir()
     with pytest.raises(UserError, match="holds no SAE"):
-        load_saes(str(tmp_path / "x"))
+        load_saes_from_spec(str(tmp_path / "x"))
     d = tmp_path / "y"
     d.mkdir()
     (d / "cfg.json").write_text(json.dumps({"architecture": "topk"}))
     with pytest.raises(UserError, match=r"no sae_weights\.safetensors"):
-        load_saes(str(d))
+        load_saes_from_spec(str(d))
 
 
 def test_folded_normalisation_reads_raw_activations(loaded) -> None:
@@ -165,7 +165,7 @@ def test_training_runs_checkpoints_and_resumes(loaded, tmp_path: Path) -> None:
         torch.testing.assert_close(resumed.saes[layer].W_enc, full.saes[layer].W_enc)
     paths = full.export(tmp_path / "out")
     assert [p.name for p in paths] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
-    assert len(load_saes(str(tmp_path / "out"))) == 2
+    assert len(load_saes_from_spec(str(tmp_path / "out"))) == 2
 
 
 def test_empty_corpus_is_refused(loaded, tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_empty_corpus_is_refused(loaded, tmp_path: Path) -> None:
 def test_pretrained_release_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"cannot load SAE gemma-scope-2b-pt-res-canonical:.*HF_HUB_OFFLINE") as e:
-        load_saes("gemma-scope-2b-pt-res-canonical:layer_7/width_16k/canonical")
+        load_saes_from_spec("gemma-scope-2b-pt-res-canonical:layer_7/width_16k/canonical")
     assert "\n" not in str(e.value)
 
 

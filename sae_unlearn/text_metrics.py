@@ -1,4 +1,5 @@
-"""Retention and fluency: perplexity of held-back text, and generations scored for fluency.
+"""Text metrics, a leaf every stage may use (concept corpora, training's fluency checks, evaluation):
+perplexity of held-back text, and generations scored for fluency.
 
 Fluency of a generation = the BASE model's perplexity of it (so a model cannot grade its own
 gibberish), the share of repeated 3-grams, distinct-n, and the share of characters outside the
@@ -15,8 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_unlearn.evaluation.scoring import logits_at
-from sae_unlearn.models.hooks import token_policy, valid_token_mask
+from sae_unlearn.models.batch import logits_at, tokenize
 from sae_unlearn.models.loading import main_device
 
 
@@ -33,19 +33,10 @@ def text_nlls(
 ) -> list[tuple[float, int]]:
     """Per text: summed token NLL and scored token count (BOS and padding masked); paired CIs resample texts."""
     device = main_device(model)  # a sharded model: its first device
-    tokenizer.padding_side = "right"
     out: list[tuple[float, int]] = []
-    specials = token_policy(tokenizer)
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        ).to(device)
-        valid = valid_token_mask(enc.input_ids, enc.attention_mask, specials)
-        target_valid = valid[:, 1:]
+        enc = tokenize(tokenizer, texts[start : start + batch_size], max_length, device)
+        target_valid = enc.valid[:, 1:]
         rows, cols = target_valid.nonzero(as_tuple=True)
         logits = logits_at(model, enc.input_ids, enc.attention_mask, rows.cpu(), cols.cpu())
         targets = enc.input_ids[:, 1:][rows, cols]
