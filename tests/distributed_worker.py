@@ -23,7 +23,7 @@ def run(out: Path) -> None:
     from sae_unlearn.features.statistics import compute_stats
     from sae_unlearn.methods import unlearn
     from sae_unlearn.models.loading import LoadedModel
-    from sae_unlearn.saes.loading import load_saes
+    from sae_unlearn.saes.loading import load_saes_from_spec
     from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model, tiny_sae, write_pack
 
     tokenizer = make_tokenizer()
@@ -34,7 +34,7 @@ def run(out: Path) -> None:
     work = out / f"rank{ranks.rank}"
     for layer in (1, 2):
         tiny_sae(layer, seed=layer).save_model(str(work / "saes" / f"blocks.{layer}.hook_resid_post"))
-    saes = load_saes(str(work / "saes"))
+    saes = load_saes_from_spec(str(work / "saes"))
     pack = load_pack(write_pack(work / "pack"))
 
     result: dict[str, torch.Tensor] = {}

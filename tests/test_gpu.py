@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sae_unlearn.features.statistics import compute_stats
 from sae_unlearn.models.loading import LoadedModel, Placement, load_model
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model, tiny_sae
 
 pytestmark = pytest.mark.gpu
@@ -50,7 +50,7 @@ def test_statistics_on_cuda_match_the_cpu(model_dir: Path, sae_dir: Path) -> Non
     stats = {}
     for device in ("cpu", "cuda"):
         loaded = load_model(str(model_dir), dtype="float32", device=device)
-        saes = load_saes(str(sae_dir), device=device)
+        saes = load_saes_from_spec(str(sae_dir), device=device)
         stats[device] = compute_stats(loaded, saes, FORGET[:6], RETAIN[:6], batch_size=3, use_cache=False)
     for layer, cpu in stats["cpu"].items():
         gpu = stats["cuda"][layer].tensors()
@@ -87,7 +87,7 @@ def test_crisp_resume_is_exact_on_cuda(model_dir: Path, sae_dir: Path, tmp_path:
     from sae_unlearn.methods import unlearn
 
     loaded = load_model(str(model_dir), dtype="float32", device="cuda")
-    saes = load_saes(str(sae_dir), device="cuda")
+    saes = load_saes_from_spec(str(sae_dir), device="cuda")
     pack = load_pack(pack_dir)
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False
@@ -122,7 +122,7 @@ def test_device_map_across_gpu_and_cpu_offload(model_dir: Path, sae_dir: Path, t
     ids = whole.tokenizer(FORGET[:2], return_tensors="pt", padding=True).to("cuda")
     with torch.no_grad():
         torch.testing.assert_close(split.model(**ids).logits, whole.model(**ids).logits, rtol=1e-3, atol=1e-3)
-    saes = load_saes(str(sae_dir), device="cuda")
+    saes = load_saes_from_spec(str(sae_dir), device="cuda")
     a = compute_stats(whole, saes, FORGET[:4], RETAIN[:4], batch_size=2, use_cache=False)
     b = compute_stats(split, saes, FORGET[:4], RETAIN[:4], batch_size=2, use_cache=False)
     for layer in a:
@@ -140,7 +140,7 @@ def test_device_map_over_every_gpu(model_dir: Path, sae_dir: Path, tmp_path: Pat
     device_map |= {f"model.layers.{i}": i * n // 4 for i in range(4)}
     loaded = load_model(str(model_dir), dtype="float32", device="cuda", placement=Placement(device_map))
     assert isinstance(loaded, LoadedModel) and loaded.sharded
-    saes = load_saes(str(sae_dir), device=str(loaded.device))
+    saes = load_saes_from_spec(str(sae_dir), device=str(loaded.device))
     pack = load_pack(pack_dir)
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False

@@ -16,6 +16,10 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(help="a hub model's revision (commit, tag or branch); the same as --model ORG/NAME@REVISION"),
+]
 SaeOpt = Annotated[str, typer.Option("--sae", help=SAE_HELP)]
 DtypeOpt = Annotated[
     str,

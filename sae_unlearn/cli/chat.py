@@ -12,7 +12,7 @@ from rich.columns import Columns
 from rich.panel import Panel
 from rich.prompt import Prompt
 
-from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, app
+from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, app
 from sae_unlearn.cli.common import friendly_errors, stdout
 
 HELP = "[dim]/toggle: unlearning on/off   /side: side-by-side on/off   /quit[/]"
@@ -68,6 +68,7 @@ class ChatSession:
 def chat(
     run: Annotated[Path | None, typer.Option(help="a run directory whose unlearning can be toggled")] = None,
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     max_new_tokens: int = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="start in side-by-side mode")] = False,
@@ -80,7 +81,7 @@ def chat(
 
     if run is not None:
         model = read_config(run)["model"] if model == "embedded" else model
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, revision=revision)
     stdout.print(f"[bold]{loaded.spec}[/] {'with ' + str(run) if run else '(no run: base model only)'}  {HELP}")
     session = ChatSession(loaded, run)
     try:

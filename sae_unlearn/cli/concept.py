@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, app
+from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, RevisionOpt, app
 from sae_unlearn.cli.common import (
     Reporter,
     check_device,
@@ -59,6 +59,7 @@ def concept_generate(
     prompts: Annotated[Path, typer.Option(help="text file, one concept prompt per line")],
     out: Annotated[Path, typer.Option("--out", help="forget-corpus .txt to write")],
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     n: Annotated[int, typer.Option(help="paragraphs to keep")] = 100,
     max_new_tokens: int = 96,
     seed: int = 0,
@@ -80,7 +81,7 @@ def concept_generate(
     check_device(device)
     with Reporter("concept generate", ["load model", "generate"]) as reporter:
         reporter.stage("load model")
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         reporter.stage("generate")
         paragraphs = generate_corpus(
             loaded, lines, n, max_new_tokens=max_new_tokens, seed=seed, progress=lambda done: reporter.update(done, n)

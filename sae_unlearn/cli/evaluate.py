@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, app
+from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, RevisionOpt, app
 from sae_unlearn.cli.common import (
     Reporter,
     check_device,
@@ -100,6 +100,7 @@ def eval_(
     ring: Annotated[str | None, typer.Option(help="ring of --probes rows without one: target, near, mid, far")] = None,
     run: Annotated[Path | None, typer.Option(help="a run directory to apply (default: the base model)")] = None,
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     probe_split: Annotated[str, typer.Option(help="report (held out from tuning), tune or all")] = "report",
     letter: Annotated[bool, typer.Option(help="also score by answer letter (under every rotation)")] = True,
     adversarial: Annotated[bool, typer.Option(help="re-ask target probes under adversarial templates")] = True,
@@ -132,7 +133,7 @@ def eval_(
     check_device(device)
     with Reporter("eval") as reporter:
         reporter.stage("load model")
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         result = evaluate(loaded, pack, run, probes=given, cfg=cfg, progress=reporter.stage)
     atomic_write_json(out, result)
     print_summary({result["name"]: result})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli.app import ConceptOpt, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, SaeOpt, app
+from sae_unlearn.cli.app import ConceptOpt, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, RevisionOpt, SaeOpt, app
 from sae_unlearn.cli.common import (
     Reporter,
     check_device,
@@ -26,6 +26,7 @@ def features(
     out: Annotated[Path, typer.Option("--out", help="directory for features.json, stats.safetensors, report.html")],
     concept: ConceptOpt = "harry-potter",
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     sae: SaeOpt = "shipped",
     strategy: Annotated[str, typer.Option(help="crisp, inlp or saebench")] = "crisp",
     k: Annotated[int, typer.Option(help="features per layer")] = 10,
@@ -52,7 +53,7 @@ def features(
     pack = load_pack(concept)
     with Reporter("features", ["load model", "feature statistics"]) as reporter:
         reporter.stage("load model")
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         saes = load_saes_for(loaded, sae)
         for s in saes:
             if chosen.k > s.d_sae:

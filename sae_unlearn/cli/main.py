@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, app
+from sae_unlearn.cli.app import DeviceOpt, DtypeOpt, ModelOpt, RevisionOpt, SaeOpt, app
 from sae_unlearn.cli.common import Reporter, check_device, friendly_errors, parse_layers, setup_logging, stdout, table
 from sae_unlearn.errors import UserError
 
@@ -103,7 +103,11 @@ def relaunch(processes: int) -> int:
 @app.command()
 @friendly_errors
 def doctor(
-    model: ModelOpt = "embedded", sae: SaeOpt = "shipped", dtype: DtypeOpt = "auto", device: DeviceOpt = "auto"
+    model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
+    sae: SaeOpt = "shipped",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Load the model, run one forward pass, load its SAEs and print what was found."""
     import torch
@@ -112,7 +116,7 @@ def doctor(
     from sae_unlearn.models.hooks import capture_resid_post
     from sae_unlearn.saes import load_saes_for
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, revision=revision)
     start = time.perf_counter()
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids.to(loaded.device)
     with torch.no_grad():
@@ -155,6 +159,7 @@ def train_sae(
     ],
     out: Annotated[Path, typer.Option("--out", help="directory for the SAEs (SAELens format, one subdir per layer)")],
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     layers: Annotated[str, typer.Option(help="comma-separated block indices, e.g. 3,6,9,12")] = "3,6,9,12",
     heldout: Annotated[list[str] | None, typer.Option(help="held-out text for the quality table")] = None,
     expansion: Annotated[int, typer.Option(help="SAE width as a multiple of the hidden size")] = 8,
@@ -220,7 +225,7 @@ def train_sae(
     )
     with Reporter("train-sae", ["load model", "train SAEs"]) as reporter:
         reporter.stage("load model")
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         reporter.stage("train SAEs")
 
         def progress(done: int, total: int, metrics: dict[str, float]) -> None:

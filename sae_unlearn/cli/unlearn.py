@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sae_unlearn.cli.app import ConceptOpt, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, SaeOpt, app
+from sae_unlearn.cli.app import ConceptOpt, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, RevisionOpt, SaeOpt, app
 from sae_unlearn.cli.common import (
     Reporter,
     check_device,
@@ -27,6 +27,7 @@ def unlearn(
     out: Annotated[Path, typer.Option("--out", help="the run directory to write")],
     concept: ConceptOpt = "harry-potter",
     model: ModelOpt = "embedded",
+    revision: RevisionOpt = None,
     sae: SaeOpt = "shipped",
     features_from: Annotated[Path | None, typer.Option("--features", help="features.json (or its dir) to use")] = None,
     strategy: Annotated[str, typer.Option(help="feature selection when --features is not given")] = "crisp",
@@ -75,7 +76,7 @@ def unlearn(
     plan = ["load model", *(["feature selection"] if needs_saes and not features_from else []), f"unlearn {method}"]
     with Reporter("unlearn", plan) as reporter:
         reporter.stage("load model")
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, revision=revision)
         if preset is not None:  # the preset's SAEs and k unless given; its options go to run_unlearn below
             from sae_unlearn.methods.preset import load_preset, model_family
 

@@ -370,6 +370,9 @@ def load_model(
     torch_device = resolve_device(device)
     compute = decide_compute_dtype(dtype, torch_device)
     torch_dtype = compute.dtype
+    is_hub_id = not Path(spec).expanduser().exists() and spec.count("/") == 1 and not spec.startswith((".", "/"))
+    if revision is not None and not is_hub_id:  # before any conversion: a revision never applies to a file
+        raise UserError(f"--revision applies to hub ids, not to {spec}", "drop the revision")
     if spec in EMBEDDED_ALIASES:
         source = str(convert_gguf_to_cache(embedded_gguf(spec), spec))
     elif spec.endswith(".gguf"):
@@ -384,15 +387,13 @@ def load_model(
                 f"{source} has no config.json",
                 "point --model at a saved Hugging Face model directory, a .gguf file, or use embedded",
             )
-    elif spec.count("/") == 1 and not spec.startswith((".", "/")):
+    elif is_hub_id:
         source = spec
     else:
         raise UserError(
             f"unknown model {spec!r}",
             "use embedded, embedded-small, a hub id like google/gemma-2-2b, a local directory or a .gguf file",
         )
-    if revision is not None and source != spec:
-        raise UserError(f"--revision applies to hub ids, not to {spec}", "drop the revision")
     model, tokenizer = _load_pretrained(source, torch_dtype, torch_device, revision, placement)
     if not getattr(model, "hf_device_map", None):
         model = model.to(torch_device)

@@ -97,3 +97,23 @@ def test_set_values_are_checked_before_loading(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _one_line_error(run(*args), text)
+
+
+def test_revision_flag_pins_a_hub_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    seen: list[str | None] = []
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def fake(real):
+        def from_pretrained(source, *args, revision=None, **kwargs):
+            seen.append(revision)
+            return real(str(model_dir), *args, **kwargs)  # the hub id answered from the local directory
+
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake(real_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake(real_tok))
+    result = run("doctor", "--model", "org/tiny", "--revision", "abc123", "--sae", str(model_dir / "no-saes"))
+    assert seen and set(seen) == {"abc123"}, result.output
+    _one_line_error(run("doctor", "--model", str(model_dir), "--revision", "abc123"), "applies to hub ids")

@@ -11,7 +11,7 @@ import torch
 from sae_unlearn.errors import UserError
 from sae_unlearn.features.statistics import compute_stats
 from sae_unlearn.models.loading import Placement, load_model, main_device, parse_max_memory
-from sae_unlearn.saes.loading import load_saes
+from sae_unlearn.saes.loading import load_saes_from_spec
 from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model, tiny_sae
 
 
@@ -49,7 +49,7 @@ def test_offloaded_model_gives_the_same_logits_statistics_and_edits(model_dir: P
 
     for layer in (1, 3):
         tiny_sae(layer, seed=layer).save_model(str(tmp_path / "saes" / f"blocks.{layer}.hook_resid_post"))
-    saes = load_saes(str(tmp_path / "saes"))
+    saes = load_saes_from_spec(str(tmp_path / "saes"))
     args = (saes, FORGET[:5], RETAIN[:5])
     a = compute_stats(whole, *args, batch_size=2, max_length=32, use_cache=False)
     b = compute_stats(split, *args, batch_size=2, max_length=32, use_cache=False)
@@ -97,7 +97,7 @@ def test_crisp_on_a_sharded_model_trains_the_same_adapter(model_dir: Path, tmp_p
         if name == "split":
             layer3 = loaded.model.model.layers[3]
             assert all(p.device.type == "meta" for p in layer3.parameters())  # really offloaded
-        saes = load_saes(str(tmp_path / "saes"))
+        saes = load_saes_from_spec(str(tmp_path / "saes"))
         selection = find_features(
             loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=2, with_examples=False
         )
