@@ -211,8 +211,10 @@ def test_python_and_cli_compare_write_the_same_results(
         },
     }
     experiment = load_experiment(fast=True, overrides=overrides)
-    run_experiment(experiment, tmp_path / "python", dtype="float32")
+    (tmp_path / "python").mkdir()
+    monkeypatch.chdir(tmp_path / "python")  # the same relative --out, so the run paths recorded are equal
+    run_experiment(experiment, Path("cli"), dtype="float32")
     from_cli = json.loads((tmp_path / "cli" / "results.json").read_text())
-    from_python = json.loads((tmp_path / "python" / "results.json").read_text())
+    from_python = json.loads((tmp_path / "python" / "cli" / "results.json").read_text())
     assert from_cli["experiment"] == experiment.to_dict()
     assert _stable(from_cli) == _stable(from_python)
