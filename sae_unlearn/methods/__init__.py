@@ -24,6 +24,7 @@ from sae_unlearn.methods import clamp, crisp, npo, rmu  # noqa: F401  (registrat
 from sae_unlearn.methods.base import METHODS, MethodContext, method_config
 from sae_unlearn.methods.interventions import Intervention, install
 from sae_unlearn.methods.preset import load_preset, model_family
+from sae_unlearn.methods.robust import load_weight_edit, project_weights, projected_outputs
 from sae_unlearn.models.hooks import decoder_blocks, token_policy
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import RUN_VERSION, check_same_model, read_config, versions
@@ -131,8 +132,10 @@ def apply(loaded: LoadedModel, run_dir: str | Path) -> Iterator[Any]:
                 "it was made for another base model",
             ) from e
         peft_model.eval()
+        edit = load_weight_edit(run_dir)
         try:
-            yield peft_model
+            with projected_outputs(peft_model, edit or {}):
+                yield peft_model
         finally:
             loaded.model = peft_model.unload()
     elif method == "rmu":
@@ -182,6 +185,7 @@ def export_merged(loaded: LoadedModel, run_dir: str | Path, out: Path, overwrite
 
             check_same_model(config, loaded.spec, loaded.source, run_dir)
             merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
+            project_weights(merged, load_weight_edit(run_dir) or {})
             merged.save_pretrained(str(tmp))
             # merging wrote the LoRA deltas into the base weights in place: reload clean ones
             loaded.model = load_model(
@@ -205,4 +209,6 @@ def attach_permanently(loaded: LoadedModel, run_dir: str | Path, stack: contextl
         return loaded.model
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
+    merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
+    project_weights(merged, load_weight_edit(run_dir) or {})
+    return merged

@@ -178,7 +178,9 @@ class AdapterTrainer:
         lr: float,
         seed: int,
         amsgrad: bool = False,
+        trainable_tokens: list[int] | None = None,
     ) -> None:
+        """`trainable_tokens`: token ids whose input-embedding rows are trained beside the LoRA matrices."""
         from peft import LoraConfig, get_peft_model
 
         self.ctx = ctx
@@ -202,6 +204,7 @@ class AdapterTrainer:
             layers_to_transform=lora_layers,
             bias="none",
             task_type="CAUSAL_LM",
+            **({"trainable_token_indices": trainable_tokens} if trainable_tokens else {}),
         )
         self.model = get_peft_model(base, config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -209,6 +212,7 @@ class AdapterTrainer:
         self.state = TrainState()
         self.ckpt = ctx.out / "checkpoint"
         self.lora_layers, self.targets = lora_layers, targets
+        self.step_fn: Any = None  # set by train(): its state (e.g. a retain-gradient momentum) is checkpointed
 
     # -- checkpoints (safetensors + JSON; no pickles) ---------------------------------------------
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -226,6 +230,8 @@ class AdapterTrainer:
             for key, value in self.opt.state.get(p, {}).items():
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
         tensors["rng"] = torch.get_rng_state()
+        if self.step_fn is not None:
+            tensors.update({f"step.{k}": v for k, v in self.step_fn.state_tensors().items()})
         if fluent is not None:
             tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
         with atomic_dir(self.ckpt, overwrite=True) as tmp:
@@ -242,6 +248,8 @@ class AdapterTrainer:
             if state:
                 self.opt.state[p] = state
         torch.set_rng_state(tensors["rng"])
+        if self.step_fn is not None:
+            self.step_fn.load_state_tensors({k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")})
         self.state = TrainState(**json.loads((self.ckpt / "state.json").read_text()))
         fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
@@ -256,12 +264,15 @@ class AdapterTrainer:
         fluency_every: int = 0,
         max_fluency_ratio: float = 2.0,
         max_repetition_increase: float | None = None,
+        step_fn: Any = None,
     ) -> dict[str, Any]:
-        """Early stopping (when `fluency_every`): training ends, restoring the last fluent adapter, once
-        the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share exceeds the base
-        model's by more than `max_repetition_increase`."""
+        """`step_fn(model, loss_fn, step)` (e.g. `robust.GradientStep`), when given, sets the gradients
+        itself and returns (loss, terms). Early stopping (when `fluency_every`): training ends, restoring the
+        last fluent adapter, once the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share
+        exceeds the base model's by more than `max_repetition_increase`."""
         ctx = self.ctx
         train_log = TrainLog(ctx.out / "train_log.jsonl")
+        self.step_fn = step_fn
         fluent = self.load_checkpoint() if ctx.resume else None
         # the tune half of the concept prompts: the evaluation scores the disjoint report half
         check = FluencyCheck(self.model, ctx.loaded.tokenizer, ctx.pack.prompt_split("tune")) if fluency_every else None
@@ -270,15 +281,19 @@ class AdapterTrainer:
         try:
             while self.state.step < steps and not self.state.stopped_early:
                 self.model.train()
+                self.opt.zero_grad(set_to_none=True)
                 try:
-                    total, terms = loss_fn(self.model, self.state.step)
+                    if step_fn is not None:
+                        total, terms = step_fn(self.model, loss_fn, self.state.step)
+                    else:
+                        total, terms = loss_fn(self.model, self.state.step)
                 except FloatingPointError as e:
                     raise UserError(
                         f"training stopped at step {self.state.step}: {e}",
                         "the last good checkpoint is kept; lower --lr or resume with --resume",
                     ) from e
-                self.opt.zero_grad(set_to_none=True)
-                total.backward()
+                if step_fn is None:
+                    total.backward()
                 self.opt.step()
                 self.state.step += 1
                 record = {"step": self.state.step, "total": float(total.detach()), **terms}
