@@ -109,6 +109,29 @@ def table(out: Path) -> None:
         )
 
 
+def edit_on_copy(source: Path, run: Path, options: dict[str, Any], saes: Any, selection: Any, loaded: Any) -> None:
+    """The run of `source` with the weight edit of `options` (weight_edit_blocks, weight_edit_modules) added."""
+    import shutil
+
+    import torch
+
+    from sae_unlearn.methods import method_config, robust
+
+    cfg = method_config("crisp", options)
+    if cfg.weight_edit_blocks is None:
+        raise SystemExit("--reuse adds a weight edit: pass --set weight_edit_blocks=...")
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(source, run)
+    by_layer = selection.by_layer()
+    by_sae = {s.layer: s.sae for s in saes}
+    directions = {layer: by_sae[layer].W_dec[torch.tensor(v)].detach() for layer, v in by_layer.items()}
+    blocks = cfg.weight_edit_blocks or sorted(by_layer)
+    robust.save_weight_edit(run, robust.edit_bases(loaded.model, directions, blocks, cfg.weight_edit_modules))
+    config = json.loads((run / "config.json").read_text())
+    config["options"].update(options)
+    (run / "config.json").write_text(json.dumps(config, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -119,6 +142,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--concept", default="harry-potter")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--reuse", help="copy this variant's run and add the weight edit of --set to it")
     args = parser.parse_args()
     if args.table:
         table(args.out)
@@ -151,7 +175,11 @@ def main() -> None:
     selection = find_features(
         loaded, saes, pack, make_strategy("crisp", k=args.k), k=args.k, max_length=128, with_examples=False
     )
-    run = unlearn("crisp", loaded, pack, args.out / "runs" / args.name, options=options, saes=saes, features=selection)
+    run = args.out / "runs" / args.name
+    if args.reuse:  # the weight edit alone is post-hoc: add it to another variant's trained adapter
+        edit_on_copy(args.out / "runs" / args.reuse, run, options, saes, selection, loaded)
+    else:
+        run = unlearn("crisp", loaded, pack, run, options=options, saes=saes, features=selection)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     result = summary(evaluate(loaded, pack, run, cfg=cfg))

@@ -126,6 +126,7 @@ class GradientStep:
             )
             terms["unlearn_sam"] = float(perturbed)
         raw_norm = flat_norm(g_unlearn)
+        terms["grad_norm_unlearn"], terms["grad_norm_retain"] = float(raw_norm), float(flat_norm(g_retain))
         if self.mask:
             kept = total = 0
             for i, (g, r) in enumerate(zip(g_unlearn, g_retain, strict=True)):
