@@ -1,6 +1,6 @@
 """One row of the robustness frontier (docs/robustness.md), measured on the TUNE split only.
 
-    python scripts/robust_frontier.py --out robust-out --base               # base model + attack controls, once
+    python scripts/robust_frontier.py --out robust-out --base --eval-at 0,20,50   # base model + controls, once
     python scripts/robust_frontier.py --out robust-out --name default       # CRISP with its defaults
     python scripts/robust_frontier.py --out robust-out --name sam --set "sam_rho=0.05"
     python scripts/robust_frontier.py --out robust-out --table              # the markdown table of every row
@@ -8,9 +8,9 @@
 A variant trains CRISP (features selected as in scripts/tune_method.py), evaluates it on the tune probes
 and tune prompts (no letter scoring, no adversarial prompts), then runs two fact-disjoint relearning
 attacks on the tune split's target probes that fall in the scored half: LoRA r16 lr 2e-4 and a full
-fine-tune lr 2e-5, measured at steps 0/20/50. The same attacks on the base model (the controls) are run
-once by --base and reused by every variant. Each call writes OUT/<name>.json; the run directory is kept
-in OUT/runs/<name> so `sae-unlearn attack` can be pointed at it too.
+fine-tune lr 2e-5, measured at steps 0/20 (--eval-at). The same attacks on the base model (the controls)
+are run once by --base (--eval-at 0,20,50) and reused by every variant. Each call writes OUT/<name>.json;
+the run directory is kept in OUT/runs/<name> so `sae-unlearn attack` can be pointed at it too.
 """
 
 from __future__ import annotations
@@ -30,17 +30,26 @@ from sae_unlearn.methods import unlearn
 from sae_unlearn.models import load_model
 from sae_unlearn.saes import load_saes_for
 
-EVAL_AT = [0, 20, 50]
+
+def attacks(eval_at: list[int]) -> list[Attack]:
+    return [Attack("lora_r16", "lora", 2e-4, eval_at), Attack("full_ft", "full", 2e-5, eval_at)]
 
 
-def attacks() -> list[Attack]:
-    return [Attack("lora_r16", "lora", 2e-4, EVAL_AT), Attack("full_ft", "full", 2e-5, EVAL_AT)]
-
-
-def load_cache(path: Path) -> dict[Any, Any]:
+def load_cache(path: Path, eval_at: list[int]) -> dict[Any, Any]:
+    """The base model's cached curves; a longer curve also serves a shorter grid (its first points are
+    the same run: seeded batches, no dropout, measured before the next step)."""
     if not path.exists():
         return {}
-    return {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
+    cache = {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
+    for key, curve in list(cache.items()):
+        if key[0] == "base":
+            continue
+        spec = json.loads(key[0])
+        if set(eval_at) < set(spec["eval_at"]):
+            spec["eval_at"] = sorted(eval_at)
+            short = (json.dumps(spec, sort_keys=True), *key[1:])
+            cache.setdefault(short, [p for p in curve if p["step"] in eval_at])
+    return cache
 
 
 def save_cache(path: Path, cache: dict[Any, Any]) -> None:
@@ -142,6 +151,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--concept", default="harry-potter")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--eval-at", default="0,20", help="attack steps to measure at (--base: 0,20,50)")
     parser.add_argument("--reuse", help="copy this variant's run and add the weight edit of --set to it")
     args = parser.parse_args()
     if args.table:
@@ -152,9 +162,10 @@ def main() -> None:
     pack = load_pack(args.concept)
     cfg = EvalConfig(probe_split="tune", letter=False, adversarial=False, relearn=False, max_ppl_texts=16)
     scored_from = [p for p in pack.probe_split("tune") if p.ring == "target"]
-    relearn_cfg = RelearnConfig(attacks=attacks(), base_control=True)
+    eval_at = [int(s) for s in args.eval_at.split(",")]
+    relearn_cfg = RelearnConfig(attacks=attacks(eval_at), base_control=True)
     cache_path = args.out / "cache.json"
-    cache = load_cache(cache_path)
+    cache = load_cache(cache_path, eval_at)
     if args.base:
         start = time.perf_counter()
         result = summary(evaluate(loaded, pack, None, cfg=cfg))
