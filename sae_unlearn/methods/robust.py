@@ -147,11 +147,12 @@ class GradientStep:
 
 
 def concept_tokens(
-    tokenizer: Any, forget: Sequence[str], retain: Sequence[str], n: int, min_count: int = 3
+    tokenizer: Any, forget: Sequence[str], retain: Sequence[str], n: int, min_count: int = 3, min_chars: int = 3
 ) -> list[int]:
     """The `n` token ids most over-represented in `forget` relative to `retain` (smoothed log ratio of
     relative frequencies), among tokens seen at least `min_count` times in `forget`; special tokens and
-    tokens without a letter or digit are left out."""
+    tokens of fewer than `min_chars` letters or digits (word pieces such as "or" or " l", common in any
+    text) are left out."""
     if n <= 0:
         return []
     f = Counter(t for text in forget for t in tokenizer(text, add_special_tokens=False).input_ids)
@@ -165,7 +166,7 @@ def concept_tokens(
     candidates = [
         t
         for t, c in f.items()
-        if c >= min_count and t not in special and re.search(r"\w", tokenizer.decode([t]) or "") is not None
+        if c >= min_count and t not in special and len(re.findall(r"\w", tokenizer.decode([t]) or "")) >= min_chars
     ]
     candidates.sort(key=lambda t: (-score(t), t))
     return sorted(candidates[:n])
