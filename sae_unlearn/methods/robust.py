@@ -118,7 +118,7 @@ class GradientStep:
 
     def __call__(self, model: Any, loss_fn: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         unlearn, retain, terms = loss_fn.parts(model, step)
-        g_unlearn = grads_of(unlearn, self.params, retain_graph=True)
+        g_unlearn = grads_of(unlearn, self.params)
         g_retain = grads_of(retain, self.params)
         if self.sam_rho > 0:
             g_unlearn, perturbed = sam_gradient(
