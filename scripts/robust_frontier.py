@@ -83,38 +83,42 @@ def attack_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(out: Path) -> None:
+    """Markdown: one row per variant; attacks as scored-half accuracy at step 0 -> 20 (recovery)."""
     base = json.loads((out / "base.json").read_text())
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem not in ("base", "cache")]
+    rows = [r for r in rows if "eval" in r and "attack" in r]
     rows.sort(key=lambda r: r.get("started", 0))
     print(
-        "| variant | target | near | far | retain ppl | fluency ppl | repeat | LoRA r16 recovery 20/50 "
-        "| full FT recovery 20/50 | worst | s train | s attack |"
+        "| variant | target | near | far | retain ppl | concept-prompt ppl / repeat | LoRA r16, scored half "
+        "0 -> 20 (recovery) | full FT, scored half 0 -> 20 (recovery) | seconds train / eval / attack |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     b = base["eval"]
+
+    def control(name: str) -> str:
+        curve = dict(base["controls"].get(name, []))
+        return " -> ".join(f"{curve[s]:.2f}" for s in (0, 20, 50) if s in curve) + " (0/20/50 steps)"
+
     print(
-        f"| base model | {b['acc']['target']:.3f} | {b['acc']['near']:.3f} | {b['acc']['far']:.3f} | "
-        f"{b['retain_ppl']:.2f} | {b['fluency_ppl']:.2f} | {b['repetition']:.2f} | control (acc) "
-        + " / ".join(f"{acc:.2f}" for _, acc in base["controls"].get("lora_r16", []))
-        + " | control (acc) "
-        + " / ".join(f"{acc:.2f}" for _, acc in base["controls"].get("full_ft", []))
-        + " | — | — | — |"
+        f"| base model (control) | {b['acc']['target']:.3f} | {b['acc']['near']:.3f} | {b['acc']['far']:.3f} | "
+        f"{b['retain_ppl']:.2f} | {b['fluency_ppl']:.2f} / {b['repetition']:.2f} | {control('lora_r16')} | "
+        f"{control('full_ft')} | — |"
     )
 
-    def rec(att: dict[str, Any] | None) -> str:
-        if not att:
+    def attack(a: dict[str, Any] | None) -> str:
+        if not a:
             return "—"
-        return " / ".join("n/a" if r is None else f"{r:.2f}" for step, _, r, _ in att["curve"] if step > 0)
+        first, last = a["curve"][0], a["curve"][-1]
+        rec = "n/a" if last[2] is None else f"{last[2]:.2f}"
+        return f"{first[1]:.2f} -> {last[1]:.2f} ({rec})"
 
     for r in rows:
-        e, a = r["eval"], r["attack"]
-        worst = a.get("worst_case") or {}
+        e, a, sec = r["eval"], r["attack"], r["seconds"]
         print(
             f"| {r['name']} (`{r['options'] or 'defaults'}`) | {e['acc']['target']:.3f} | {e['acc']['near']:.3f} | "
-            f"{e['acc']['far']:.3f} | {e['retain_ppl']:.2f} | {e['fluency_ppl']:.2f} | {e['repetition']:.2f} | "
-            f"{rec(a.get('lora_r16'))} | {rec(a.get('full_ft'))} | "
-            f"{worst.get('recovery', float('nan')) if worst else 'n/a'} | {r['seconds']['train']:.0f} | "
-            f"{r['seconds']['attack']:.0f} |"
+            f"{e['acc']['far']:.3f} | {e['retain_ppl']:.2f} | {e['fluency_ppl']:.2f} / {e['repetition']:.2f} | "
+            f"{attack(a.get('lora_r16'))} | {attack(a.get('full_ft'))} | "
+            f"{sec['train']:.0f} / {sec['eval']:.0f} / {sec['attack']:.0f} |"
         )
 
 
