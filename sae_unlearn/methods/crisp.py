@@ -108,6 +108,12 @@ class CrispConfig:
     unlearn_grad_norm: float | None = None
     """Rescale the unlearning term's gradient to this global L2 norm every step (MUDMAN's normalisation;
     None: off)."""
+    adversary_every: int = 0
+    """MUDMAN's meta-learning adversary (0: off): every this many steps a copy of the trainable weights is
+    forked; each step it takes one SGD step (lr `adversary_lr`) toward restoring the frozen model's hidden
+    states on the forget batch, and the unlearning gradient is taken at its weights. Never saved."""
+    adversary_lr: float = 1e-2
+    """Learning rate of the adversary's SGD steps."""
     concept_tokens: int = 0
     """Also train the input-embedding rows of this many tokens, the ones most over-represented in the
     forget training text relative to the retain text (0: off; saved in the adapter)."""
@@ -223,9 +229,15 @@ class CrispMethod(Method):
         )
         loss_fn = _CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
         step_fn = None
-        if cfg.sam_rho > 0 or cfg.disruption_mask or cfg.unlearn_grad_norm is not None:
+        if cfg.sam_rho > 0 or cfg.disruption_mask or cfg.unlearn_grad_norm is not None or cfg.adversary_every:
             step_fn = robust.GradientStep(
-                trainer.params, cfg.sam_rho, cfg.disruption_mask, cfg.retain_momentum, cfg.unlearn_grad_norm
+                trainer.params,
+                cfg.sam_rho,
+                cfg.disruption_mask,
+                cfg.retain_momentum,
+                cfg.unlearn_grad_norm,
+                cfg.adversary_every,
+                cfg.adversary_lr,
             )
         summary = trainer.train(
             loss_fn,
@@ -293,10 +305,28 @@ class _CrispLoss:
         unlearn = self._unlearn(model, texts, forget)
         return (1 - self.cfg.beta) * unlearn if self.cfg.objective == "published" else unlearn
 
-    def _unlearn(self, model: Any, forget_texts: list[str], forget: Any) -> torch.Tensor:
+    def adversary_terms(self, model: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted unlearning term, relearning term) on the forget batch from one forward pass. The
+        relearning term, the adapted hidden states' relative MSE to the frozen ones at the SAE layers,
+        is what an attacker restoring the concept's representation minimises."""
+        texts, forget = self._forget_batch(step)
+        relearn: list[torch.Tensor] = []
+        unlearn = self._unlearn(model, texts, forget, relearn)
+        weighted = (1 - self.cfg.beta) * unlearn if self.cfg.objective == "published" else unlearn
+        return weighted, relearn[0]
+
+    def _unlearn(
+        self, model: Any, forget_texts: list[str], forget: Any, relearn: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         cfg, loaded = self.cfg, self.ctx.loaded
         frozen_f = self.frozen_forget(model, forget_texts, forget)
         adapted_f = hidden_at_layers(model, forget, self.layers)
+        if relearn is not None:
+            relearn.append(
+                torch.stack(
+                    [relative_mse(adapted_f.hidden[la], frozen_f.hidden[la], forget.valid) for la in self.layers]
+                ).mean()
+            )
         unlearn = torch.zeros((), device=loaded.device)
         for layer in self.layers:
             sae, feats = self.saes[layer].sae, self.features[layer].to(loaded.device)

@@ -9,7 +9,10 @@
   mean of the retain gradient (momentum `retain_momentum`, weight 1 - momentum on the new gradient) is
   kept; an element of the unlearning gradient is applied only where its sign agrees with that mean's,
   and the unlearning gradient is rescaled to a fixed global norm (measured before masking, as in the
-  reference code). The meta-learning adversary of MUDMAN is not implemented.
+  reference code). MUDMAN's meta-learning adversary is here too: a fork of the trainable weights,
+  refreshed every `adversary_every` steps, takes one SGD step per step toward restoring the frozen
+  model's hidden states on forget text (the reference relearns with the LM loss; the representation-level
+  objective avoids the vocabulary-sized output layer), and the unlearning gradient is taken at its weights.
 - **Embedding rows of the concept's tokens** (`concept_tokens`): the tokens most over-represented in the
   forget training text relative to the retain training text, whose input-embedding rows PEFT then trains
   beside the LoRA matrices (`trainable_token_indices`; saved in the adapter, merged by `merge_and_unload`).
@@ -97,6 +100,8 @@ class GradientStep:
         mask: bool = False,
         retain_momentum: float = 0.9,
         unlearn_grad_norm: float | None = None,
+        adversary_every: int = 0,
+        adversary_lr: float = 1e-2,
     ) -> None:
         if sam_rho < 0:
             raise UserError(f"sam_rho {sam_rho} must be >= 0", "e.g. sam_rho=0.05")
@@ -104,22 +109,53 @@ class GradientStep:
             raise UserError(f"retain_momentum {retain_momentum} must be in [0, 1)", "e.g. 0.9")
         if unlearn_grad_norm is not None and unlearn_grad_norm <= 0:
             raise UserError(f"unlearn_grad_norm {unlearn_grad_norm} must be > 0", "or leave it unset")
+        if adversary_every < 0 or (adversary_every and sam_rho > 0):
+            raise UserError("adversary_every must be >= 0 and cannot be combined with sam_rho", "choose one")
         self.params = list(params)
         self.sam_rho, self.mask, self.beta, self.norm = sam_rho, mask, retain_momentum, unlearn_grad_norm
         self.momentum = [torch.zeros_like(p) for p in self.params] if mask else []
+        self.adversary_every, self.adversary_lr = adversary_every, adversary_lr
+        self.adversary: list[torch.Tensor] | None = None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"retain_momentum.{i}": m.clone().contiguous() for i, m in enumerate(self.momentum)}
+        out = {f"retain_momentum.{i}": m.clone().contiguous() for i, m in enumerate(self.momentum)}
+        out.update({f"adversary.{i}": a.clone().contiguous() for i, a in enumerate(self.adversary or [])})
+        return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for i, m in enumerate(self.momentum):
             if f"retain_momentum.{i}" in tensors:
                 m.copy_(tensors[f"retain_momentum.{i}"])
+        if "adversary.0" in tensors:
+            self.adversary = [tensors[f"adversary.{i}"].clone() for i in range(len(self.params))]
+
+    def adversary_gradient(self, model: Any, loss_fn: Any, step: int) -> tuple[list[torch.Tensor], float]:
+        """MUDMAN's meta-learning step: the unlearning gradient at the adversary's weights, and one SGD
+        step of the adversary on the relearning term. The trainable weights are restored by copy."""
+        if self.adversary is None or step % self.adversary_every == 0:
+            self.adversary = [p.detach().clone() for p in self.params]
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, a in zip(self.params, self.adversary, strict=True):
+                    p.copy_(a)
+            unlearn, relearn = loss_fn.adversary_terms(model, step)
+            g_unlearn = grads_of(unlearn, self.params, retain_graph=True)
+            g_adversary = grads_of(relearn, self.params)
+            for a, g in zip(self.adversary, g_adversary, strict=True):
+                a.sub_(g.to(a.dtype), alpha=self.adversary_lr)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+        return g_unlearn, float(relearn.detach())
 
     def __call__(self, model: Any, loss_fn: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         unlearn, retain, terms = loss_fn.parts(model, step)
         g_unlearn = grads_of(unlearn, self.params)
         g_retain = grads_of(retain, self.params)
+        if self.adversary_every:
+            g_unlearn, terms["adversary_relearn"] = self.adversary_gradient(model, loss_fn, step)
         if self.sam_rho > 0:
             g_unlearn, perturbed = sam_gradient(
                 self.params, lambda: loss_fn.forget_term(model, step), g_unlearn, self.sam_rho

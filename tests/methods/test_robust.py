@@ -109,6 +109,40 @@ def test_gradient_step_masks_with_the_retain_momentum_then_normalises() -> None:
     torch.testing.assert_close(p.grad, expected)
 
 
+class _QuadraticLoss:
+    """unlearn = 0.5 p^T A p, retain = r . p, relearn = 0.5 |p - t|^2 (the adversary's pull toward t)."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        torch.manual_seed(0)
+        m = torch.randn(3, 3)
+        self.p, self.a, self.r, self.t = p, m @ m.T, torch.tensor([1.0, -1.0, 0.5]), torch.tensor([2.0, 0.0, -2.0])
+
+    def parts(self, model, step):
+        return 0.5 * self.p @ self.a @ self.p, self.r @ self.p, {}
+
+    def adversary_terms(self, model, step):
+        return 0.5 * self.p @ self.a @ self.p, 0.5 * ((self.p - self.t) ** 2).sum()
+
+
+def test_adversary_gradient_is_taken_at_the_fork_which_never_leaks_into_the_weights() -> None:
+    p = torch.tensor([0.5, -1.0, 1.5], requires_grad=True)
+    loss = _QuadraticLoss(p)
+    step = GradientStep([p], adversary_every=2, adversary_lr=0.5)
+    fork = p.detach().clone()
+    for i in range(4):
+        if i % 2 == 0:
+            fork = p.detach().clone()  # forked from the current weights
+        before = p.detach().clone()
+        step(None, loss, i)
+        assert torch.equal(p.detach(), before)  # the adversary's weights were swapped out again
+        torch.testing.assert_close(p.grad, loss.a @ fork + loss.r)  # unlearning gradient at the fork
+        fork = fork - 0.5 * (fork - loss.t)  # its SGD step toward t
+        torch.testing.assert_close(step.adversary[0], fork)
+        assert not torch.allclose(step.adversary[0], p.detach())
+        with torch.no_grad():
+            p.sub_(0.1 * p.grad)  # the main weights move on their own
+
+
 # ------------------------------------------------------------------------------------------- runs
 
 
@@ -146,13 +180,21 @@ def test_sam_with_a_null_radius_trains_the_plain_adapter_and_a_real_radius_anoth
     assert any(not torch.allclose(sam[k], plain[k], rtol=1e-3, atol=1e-5) for k in plain)
 
 
-def test_masked_run_resumes_to_the_same_adapter(setup, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kw", "term"),
+    [
+        ({"disruption_mask": True, "unlearn_grad_norm": 1.0, "sam_rho": 0.05}, "unlearn_sam"),
+        ({"disruption_mask": True, "adversary_every": 3, "adversary_lr": 1.0}, "adversary_relearn"),
+    ],
+)
+def test_masked_run_resumes_to_the_same_adapter(setup, tmp_path: Path, kw, term) -> None:
     loaded, saes, pack, selection, _spec = setup
-    kw = {"disruption_mask": True, "unlearn_grad_norm": 1.0, "sam_rho": 0.05, "steps": 4, "checkpoint_every": 2}
+    kw = {**kw, "steps": 4, "checkpoint_every": 2}
     full = _adapter(_run(setup, tmp_path / "full", **kw))
+    assert full.keys() == _adapter(_run(setup, tmp_path / "plain")).keys()  # nothing of the adversary is saved
 
     def interrupt(step: int, total: int, terms: dict) -> None:
-        assert 0 <= terms["mask_kept"] <= 1 and "unlearn_sam" in terms
+        assert 0 <= terms["mask_kept"] <= 1 and term in terms
         if step == 3:
             raise KeyboardInterrupt
 
