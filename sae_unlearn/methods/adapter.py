@@ -1,5 +1,7 @@
 """Methods whose artifact is a PEFT LoRA adapter (RUN_DIR/adapter; CRISP, NPO): installed by wrapping
-the model in PEFT (unloaded on exit), merged into a copy for export and into a throwaway model for attacks."""
+the model in PEFT (unloaded on exit), merged into a copy for export and into a throwaway model for attacks.
+A run's SAE-native weight edit (RUN_DIR/weight_edit.safetensors, methods/robust.py) comes after the
+adapter: as output hooks when installed, in the weights when merged."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.base import Method
+from sae_unlearn.methods.robust import load_weight_edit, project_weights, projected_outputs
 from sae_unlearn.models.loading import LoadedModel
 
 
@@ -39,16 +42,21 @@ class AdapterMethod(Method):
         peft_model = load_adapter(loaded.model, run_dir)
         peft_model.eval()
         try:
-            yield peft_model
+            with projected_outputs(peft_model, load_weight_edit(run_dir) or {}):
+                yield peft_model
         finally:
             peft_model.unload()  # removes the LoRA layers: loaded.model is the base model again, unchanged
 
     @classmethod
     @contextlib.contextmanager
     def install_merged(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:
-        yield load_adapter(loaded.model, run_dir).merge_and_unload()
+        merged = load_adapter(loaded.model, run_dir).merge_and_unload()
+        project_weights(merged, load_weight_edit(run_dir) or {})
+        yield merged
 
     @classmethod
     def export(cls, loaded: LoadedModel, run_dir: Path, out: Path) -> None:
         own = copy.deepcopy(loaded.model)  # merging writes the LoRA deltas into the weights in place
-        load_adapter(own, run_dir).merge_and_unload().save_pretrained(str(out))
+        merged = load_adapter(own, run_dir).merge_and_unload()
+        project_weights(merged, load_weight_edit(run_dir) or {})
+        merged.save_pretrained(str(out))

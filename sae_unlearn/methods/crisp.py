@@ -29,6 +29,7 @@ import torch
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
+from sae_unlearn.methods import robust
 from sae_unlearn.methods.adapter import AdapterMethod
 from sae_unlearn.methods.base import MethodContext, register
 from sae_unlearn.methods.persistent import (
@@ -95,6 +96,34 @@ class CrispConfig:
     max_repetition_increase: float | None = 0.15  # over the base model's repeated-3-gram share; None: off
     checkpoint_every: int = 50
     seed: int = 0
+    # robustness to relearning (methods/robust.py, docs/robustness.md); all off by default
+    sam_rho: float = 0.0
+    """Sharpness-aware unlearning (Fan et al. 2025): take the unlearning term's gradient at the trainable
+    weights moved by sam_rho * g/|g| along it (0: off; the paper's range 0.01-0.1). One extra forward and
+    backward on the forget batch per step."""
+    disruption_mask: bool = False
+    """MUDMAN's disruption masking: apply an unlearning-gradient element only where its sign agrees with
+    the running mean of the retain terms' gradient (momentum `retain_momentum`)."""
+    retain_momentum: float = 0.9
+    """Momentum of the retain-gradient running mean that `disruption_mask` reads."""
+    unlearn_grad_norm: float | None = None
+    """Rescale the unlearning term's gradient to this global L2 norm every step (MUDMAN's normalisation;
+    None: off)."""
+    adversary_every: int = 0
+    """MUDMAN's meta-learning adversary (0: off): every this many steps a copy of the trainable weights is
+    forked; each step it takes one SGD step (lr `adversary_lr`) toward restoring the frozen model's hidden
+    states on the forget batch, and the unlearning gradient is taken at its weights. Never saved."""
+    adversary_lr: float = 1e-2
+    """Learning rate of the adversary's SGD steps."""
+    concept_tokens: int = 0
+    """Also train the input-embedding rows of this many tokens, the ones most over-represented in the
+    forget training text relative to the retain text (0: off; saved in the adapter)."""
+    weight_edit_blocks: list[int] | None = None
+    """After training, project the selected features' decoder directions out of what these blocks'
+    `weight_edit_modules` write into the residual stream (each block gets the directions of the nearest
+    SAE layer at or above it). None: off; [] : the SAE layers' own blocks."""
+    weight_edit_modules: list[str] = field(default_factory=lambda: ["o_proj", "down_proj", "c_proj"])
+    """The residual-writing matrices the weight edit projects (attention output, MLP down projection)."""
 
     def __post_init__(self) -> None:
         if self.objective not in ("published", "ablation"):
@@ -186,6 +215,9 @@ class CrispMethod(AdapterMethod):
                 max(lora_layers),
                 max(by_layer),
             )
+        tokens = robust.concept_tokens(
+            ctx.loaded.tokenizer, ctx.pack.forget_split("train"), ctx.pack.retain_split("train"), cfg.concept_tokens
+        )
         trainer = AdapterTrainer(
             ctx,
             lora_layers,
@@ -196,8 +228,20 @@ class CrispMethod(AdapterMethod):
             cfg.lr,
             cfg.seed,
             amsgrad=True,
+            trainable_tokens=tokens or None,
         )
         loss_fn = CrispLoss(ctx, cfg, saes, {layer: torch.tensor(v) for layer, v in by_layer.items()})
+        step_fn = None
+        if cfg.sam_rho > 0 or cfg.disruption_mask or cfg.unlearn_grad_norm is not None or cfg.adversary_every:
+            step_fn = robust.GradientStep(
+                trainer.params,
+                cfg.sam_rho,
+                cfg.disruption_mask,
+                cfg.retain_momentum,
+                cfg.unlearn_grad_norm,
+                cfg.adversary_every,
+                cfg.adversary_lr,
+            )
         summary = trainer.train(
             loss_fn,
             steps,
@@ -205,7 +249,16 @@ class CrispMethod(AdapterMethod):
             fluency_every=cfg.fluency_every if cfg.objective == "ablation" else 0,
             max_fluency_ratio=cfg.max_fluency_ratio,
             max_repetition_increase=cfg.max_repetition_increase,
+            step_fn=step_fn,
         )
+        if tokens:
+            summary["concept_tokens"] = [ctx.loaded.tokenizer.decode([t]) for t in tokens]
+        if cfg.weight_edit_blocks is not None:
+            directions = {layer: saes[layer].sae.W_dec[torch.tensor(v)].detach() for layer, v in by_layer.items()}
+            blocks = cfg.weight_edit_blocks or sorted(by_layer)
+            bases = robust.edit_bases(ctx.loaded.model, directions, blocks, cfg.weight_edit_modules)
+            robust.save_weight_edit(ctx.out, bases)
+            summary["weight_edit"] = {name: int(u.shape[1]) for name, u in bases.items()}
         return {"artifact": "adapter", "lora_layers": lora_layers, **summary}
 
 
@@ -237,23 +290,52 @@ class CrispLoss:
         return epoch_batch(texts, self.cfg.batch_size, self.cfg.seed, step, salt)
 
     def __call__(self, model: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, loaded, ranks = self.cfg, self.ctx.loaded, world()
-        global_retain = self._batch(self.retain, step, 2)
-        # data-parallel: each rank a contiguous share of the global batch; the loss is its share of the global loss
-        forget_texts, retain_texts = ranks.shard(self._batch(self.forget, step, 1)), ranks.shard(global_retain)
-        coherence_texts = [self.coherence[step % len(self.coherence)]]  # one text: every rank, weight 1/ranks
-        forget = tokenize(loaded.tokenizer, forget_texts, cfg.max_length, loaded.device)
-        retain = tokenize(loaded.tokenizer, retain_texts, cfg.max_length, loaded.device)
-        coherence = tokenize(loaded.tokenizer, coherence_texts, cfg.max_length, loaded.device)
+        unlearn, rest, terms = self._terms(model, step)
+        total = unlearn
+        for term in rest:  # summed in this order: the plain step is unchanged by the split
+            total = total + term
+        return total, terms
 
-        kl = self.kl
+    def parts(self, model: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(weighted unlearning term, weighted retain + coherence (+ KL) terms, {term: value})."""
+        unlearn, rest, terms = self._terms(model, step)
+        retain = rest[0]
+        for term in rest[1:]:
+            retain = retain + term
+        return unlearn, retain, terms
+
+    def _forget_batch(self, step: int) -> tuple[list[str], Any]:
+        texts = world().shard(self._batch(self.forget, step, 1))  # data-parallel: this rank's share
+        return texts, tokenize(self.ctx.loaded.tokenizer, texts, self.cfg.max_length, self.ctx.loaded.device)
+
+    def forget_term(self, model: Any, step: int) -> torch.Tensor:
+        """The weighted unlearning term alone at the current weights (what sharpness-aware steps re-read)."""
+        texts, forget = self._forget_batch(step)
+        unlearn = self._unlearn(model, texts, forget)
+        return (1 - self.cfg.beta) * unlearn if self.cfg.objective == "published" else unlearn
+
+    def adversary_terms(self, model: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted unlearning term, relearning term) on the forget batch from one forward pass. The
+        relearning term, the adapted hidden states' relative MSE to the frozen ones at the SAE layers,
+        is what an attacker restoring the concept's representation minimises."""
+        texts, forget = self._forget_batch(step)
+        relearn: list[torch.Tensor] = []
+        unlearn = self._unlearn(model, texts, forget, relearn)
+        weighted = (1 - self.cfg.beta) * unlearn if self.cfg.objective == "published" else unlearn
+        return weighted, relearn[0]
+
+    def _unlearn(
+        self, model: Any, forget_texts: list[str], forget: Any, relearn: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        cfg, loaded = self.cfg, self.ctx.loaded
         frozen_f = self.frozen_forget(model, forget_texts, forget)
-        frozen_r = self.frozen_retain(model, retain_texts, retain)
-        frozen_c = self.frozen_coherence(model, coherence_texts, coherence)
         adapted_f = hidden_at_layers(model, forget, self.layers)
-        adapted_r = hidden_at_layers(model, retain, self.layers, final=kl)
-        adapted_c = hidden_at_layers(model, coherence, None)
-
+        if relearn is not None:
+            relearn.append(
+                torch.stack(
+                    [relative_mse(adapted_f.hidden[la], frozen_f.hidden[la], forget.valid) for la in self.layers]
+                ).mean()
+            )
         unlearn = torch.zeros((), device=loaded.device)
         for layer in self.layers:
             sae, feats = self.saes[layer].sae, self.features[layer].to(loaded.device)
@@ -267,7 +349,24 @@ class CrispLoss:
                 with torch.no_grad():
                     target = ablation_target(sae, frozen_f.hidden[layer], feats, cfg.ablation_scale)
                 unlearn = unlearn + relative_mse(adapted_f.hidden[layer], target, forget.valid)
-        unlearn = unlearn / len(self.layers)
+        return unlearn / len(self.layers)
+
+    def _terms(self, model: Any, step: int) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, float]]:
+        cfg, loaded, ranks = self.cfg, self.ctx.loaded, world()
+        forget_texts, forget = self._forget_batch(step)
+        unlearn = self._unlearn(model, forget_texts, forget)  # first: the adapted passes keep their RNG order
+        # data-parallel: each rank a contiguous share of the global batch; the loss is its share of the global loss
+        global_retain = self._batch(self.retain, step, 2)
+        retain_texts = ranks.shard(global_retain)
+        coherence_texts = [self.coherence[step % len(self.coherence)]]  # one text: every rank, weight 1/ranks
+        retain = tokenize(loaded.tokenizer, retain_texts, cfg.max_length, loaded.device)
+        coherence = tokenize(loaded.tokenizer, coherence_texts, cfg.max_length, loaded.device)
+
+        kl = self.kl
+        frozen_r = self.frozen_retain(model, retain_texts, retain)
+        frozen_c = self.frozen_coherence(model, coherence_texts, coherence)
+        adapted_r = hidden_at_layers(model, retain, self.layers, final=kl)
+        adapted_c = hidden_at_layers(model, coherence, None)
 
         assert adapted_c.final is not None and frozen_c.final is not None  # layers=None: the final state
         if cfg.objective == "published":
@@ -282,14 +381,16 @@ class CrispLoss:
             coherence_loss = ((adapted_c.final - frozen_c.final).float() ** 2).mean(-1)[
                 coherence.valid
             ].mean() / ranks.size
-            total = (1 - cfg.beta) * unlearn + cfg.beta * retain_loss + cfg.beta * cfg.gamma * coherence_loss
+            weighted_unlearn = (1 - cfg.beta) * unlearn
+            rest = [cfg.beta * retain_loss, cfg.beta * cfg.gamma * coherence_loss]
         else:
             retain_loss = torch.stack(
                 [relative_mse(adapted_r.hidden[layer], frozen_r.hidden[layer], retain.valid) for layer in self.layers]
             ).mean()
             # every rank computes the same coherence text: relative_mse's global sums make each share 1/ranks
             coherence_loss = relative_mse(adapted_c.final, frozen_c.final, coherence.valid)
-            total = unlearn + cfg.retain_weight * retain_loss + cfg.coherence_weight * coherence_loss
+            weighted_unlearn = unlearn
+            rest = [cfg.retain_weight * retain_loss, cfg.coherence_weight * coherence_loss]
             if kl:
                 assert adapted_r.final is not None and frozen_r.final is not None
                 # the positions are drawn from the global batch's valid tokens; each rank reads those in its rows
@@ -302,7 +403,7 @@ class CrispLoss:
                 mine = (rows >= start) & (rows < stop)
                 rows, cols = (rows[mine] - start).to(loaded.device), cols[mine].to(loaded.device)
                 kl_loss = retain_kl(model, frozen_r.final, adapted_r.final, rows, cols)
-                total = total + cfg.retain_kl_weight * kl_loss
+                rest.append(cfg.retain_kl_weight * kl_loss)
         shares = {"unlearn": unlearn, "retain": retain_loss, "coherence": coherence_loss}
         if kl:
             shares["retain_kl"] = kl_loss
@@ -311,4 +412,4 @@ class CrispLoss:
         if not all(math.isfinite(v) for v in values):
             bad = [name for name, v in terms.items() if not math.isfinite(v)] or ["total"]
             raise FloatingPointError(f"the {bad[0]} term diverged (non-finite loss)")
-        return total, terms
+        return weighted_unlearn, rest, terms

@@ -162,7 +162,9 @@ class AdapterTrainer:
         lr: float,
         seed: int,
         amsgrad: bool = False,
+        trainable_tokens: list[int] | None = None,
     ) -> None:
+        """`trainable_tokens`: token ids whose input-embedding rows are trained beside the LoRA matrices."""
         from peft import LoraConfig, get_peft_model
 
         self.ctx = ctx
@@ -187,6 +189,7 @@ class AdapterTrainer:
             layers_to_transform=lora_layers,
             bias="none",
             task_type="CAUSAL_LM",
+            **({"trainable_token_indices": trainable_tokens} if trainable_tokens else {}),
         )
         self.model = get_peft_model(base, config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -194,6 +197,7 @@ class AdapterTrainer:
         self.state = TrainState()
         self.ckpt = ctx.out / "checkpoint"
         self.lora_layers, self.targets = lora_layers, targets
+        self.step_fn: Any = None  # set by train(): its state (e.g. a retain-gradient momentum) is checkpointed
 
     # -- checkpoints (safetensors + JSON; no pickles) ---------------------------------------------
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -214,6 +218,8 @@ class AdapterTrainer:
         if torch.cuda.is_available():  # LoRA dropout on a GPU draws from its generator
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"cuda_rng.{i}"] = state
+        if self.step_fn is not None:
+            tensors.update({f"step.{k}": v for k, v in self.step_fn.state_tensors().items()})
         if fluent is not None:
             tensors.update({f"fluent.{n}": t for n, t in fluent.items()})
         if world().is_main:  # data-parallel: every rank holds the same adapter and optimiser state
@@ -231,6 +237,8 @@ class AdapterTrainer:
         cuda_states = [tensors[f"cuda_rng.{i}"] for i in range(len(tensors)) if f"cuda_rng.{i}" in tensors]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        if self.step_fn is not None:
+            self.step_fn.load_state_tensors({k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")})
         self.state = TrainState(**saved)
         fluent = {k[len("fluent.") :]: v for k, v in tensors.items() if k.startswith("fluent.")}
         log.info("resumed at step %d", self.state.step)
@@ -245,13 +253,16 @@ class AdapterTrainer:
         fluency_every: int = 0,
         max_fluency_ratio: float = 2.0,
         max_repetition_increase: float | None = None,
+        step_fn: Any = None,
     ) -> dict[str, Any]:
-        """Early stopping (when `fluency_every`): training ends, restoring the last fluent adapter, once
-        the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share exceeds the base
-        model's by more than `max_repetition_increase`."""
+        """`step_fn(model, loss_fn, step)` (e.g. `robust.GradientStep`), when given, sets the gradients
+        itself and returns (loss, terms). Early stopping (when `fluency_every`): training ends, restoring the
+        last fluent adapter, once the fluency ratio exceeds `max_fluency_ratio` or the repeated-3-gram share
+        exceeds the base model's by more than `max_repetition_increase`."""
         ctx = self.ctx
         ranks = world()
         train_log = TrainLog(ctx.out / "train_log.jsonl")
+        self.step_fn = step_fn
         fluent = self.load_checkpoint() if ctx.resume else None
         # the tune half of the concept prompts: the evaluation scores the disjoint report half
         check = FluencyCheck(self.model, ctx.loaded.tokenizer, ctx.pack.prompt_split("tune")) if fluency_every else None
@@ -260,15 +271,19 @@ class AdapterTrainer:
         try:
             while self.state.step < steps and not self.state.stopped_early:
                 self.model.train()
+                self.opt.zero_grad(set_to_none=True)
                 try:
-                    total, terms = loss_fn(self.model, self.state.step)
+                    if step_fn is not None:
+                        total, terms = step_fn(self.model, loss_fn, self.state.step)
+                    else:
+                        total, terms = loss_fn(self.model, self.state.step)
                 except FloatingPointError as e:
                     raise UserError(
                         f"training stopped at step {self.state.step}: {e}",
                         "the last good checkpoint is kept; lower --lr or resume with --resume",
                     ) from e
-                self.opt.zero_grad(set_to_none=True)
-                total.backward()
+                if step_fn is None:
+                    total.backward()
                 ranks.sum_gradients(self.params)  # data-parallel: `total` is this rank's share of the loss
                 self.opt.step()
                 self.state.step += 1
