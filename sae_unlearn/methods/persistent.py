@@ -181,6 +181,7 @@ class AdapterTrainer:
             raise UserError(f"LoRA layers {lora_layers} are outside the model's blocks 0..{n_layers - 1}")
         check_not_offloaded(base, lora_layers, "LoRA")
         torch.manual_seed(seed)
+        extra: dict[str, Any] = {"trainable_token_indices": trainable_tokens} if trainable_tokens else {}
         config = LoraConfig(
             r=r,
             lora_alpha=alpha,
@@ -189,7 +190,7 @@ class AdapterTrainer:
             layers_to_transform=lora_layers,
             bias="none",
             task_type="CAUSAL_LM",
-            **({"trainable_token_indices": trainable_tokens} if trainable_tokens else {}),
+            **extra,
         )
         self.model = get_peft_model(base, config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
