@@ -186,3 +186,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block tiny Llama saved as a model directory, shared by a module's tests."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_tokenizer()
+    tiny_model("llama", len(tokenizer), n_layers=4).save_pretrained(str(root))
+    tokenizer.save_pretrained(str(root))
+    return root

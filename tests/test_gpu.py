@@ -16,18 +16,9 @@ from safetensors.torch import load_file
 from sae_unlearn.features.statistics import compute_stats
 from sae_unlearn.models.loading import LoadedModel, Placement, load_model
 from sae_unlearn.saes.loading import load_saes_from_spec
-from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model, tiny_sae
+from tests.conftest import FORGET, RETAIN, tiny_sae
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = make_tokenizer()
-    tiny_model("llama", len(tokenizer), n_layers=4).save_pretrained(str(root))
-    tokenizer.save_pretrained(str(root))
-    return root
 
 
 @pytest.fixture
@@ -37,8 +28,8 @@ def sae_dir(tmp_path: Path) -> Path:
     return tmp_path / "saes"
 
 
-def test_auto_device_is_cuda_with_bf16_where_supported(model_dir: Path) -> None:
-    loaded = load_model(str(model_dir), dtype="auto", device="auto")
+def test_auto_device_is_cuda_with_bf16_where_supported(tiny_llama_dir: Path) -> None:
+    loaded = load_model(str(tiny_llama_dir), dtype="auto", device="auto")
     assert loaded.device.type == "cuda"
     assert loaded.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     ids = loaded.tokenizer(FORGET[:2], return_tensors="pt", padding=True).to(loaded.device)
@@ -46,10 +37,10 @@ def test_auto_device_is_cuda_with_bf16_where_supported(model_dir: Path) -> None:
         assert torch.isfinite(loaded.model(**ids).logits.float()).all()
 
 
-def test_statistics_on_cuda_match_the_cpu(model_dir: Path, sae_dir: Path) -> None:
+def test_statistics_on_cuda_match_the_cpu(tiny_llama_dir: Path, sae_dir: Path) -> None:
     stats = {}
     for device in ("cpu", "cuda"):
-        loaded = load_model(str(model_dir), dtype="float32", device=device)
+        loaded = load_model(str(tiny_llama_dir), dtype="float32", device=device)
         saes = load_saes_from_spec(str(sae_dir), device=device)
         stats[device] = compute_stats(loaded, saes, FORGET[:6], RETAIN[:6], batch_size=3, use_cache=False)
     for layer, cpu in stats["cpu"].items():
@@ -80,13 +71,13 @@ def test_sae_step_on_cuda_uses_dense_ops_and_matches_the_cpu() -> None:
         torch.testing.assert_close(grads["cuda"][name], grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_crisp_resume_is_exact_on_cuda(model_dir: Path, sae_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
+def test_crisp_resume_is_exact_on_cuda(tiny_llama_dir: Path, sae_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
     """LoRA dropout draws from the CUDA generator: the checkpoint must carry its state."""
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.features import find_features, make_strategy
     from sae_unlearn.methods import unlearn
 
-    loaded = load_model(str(model_dir), dtype="float32", device="cuda")
+    loaded = load_model(str(tiny_llama_dir), dtype="float32", device="cuda")
     saes = load_saes_from_spec(str(sae_dir), device="cuda")
     pack = load_pack(pack_dir)
     selection = find_features(
@@ -112,11 +103,11 @@ def test_crisp_resume_is_exact_on_cuda(model_dir: Path, sae_dir: Path, tmp_path:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_device_map_across_gpu_and_cpu_offload(model_dir: Path, sae_dir: Path, tmp_path: Path) -> None:
-    whole = load_model(str(model_dir), dtype="float32", device="cuda")
+def test_device_map_across_gpu_and_cpu_offload(tiny_llama_dir: Path, sae_dir: Path, tmp_path: Path) -> None:
+    whole = load_model(str(tiny_llama_dir), dtype="float32", device="cuda")
     size = sum(p.numel() * 4 for p in whole.model.parameters())
     placement = Placement("auto", {0: size // 2, "cpu": 4 * size}, str(tmp_path / "offload"))
-    split = load_model(str(model_dir), dtype="float32", device="cuda", placement=placement)
+    split = load_model(str(tiny_llama_dir), dtype="float32", device="cuda", placement=placement)
     places = set(split.model.hf_device_map.values())
     assert 0 in places and "cpu" in places and split.device == torch.device("cuda", 0)
     ids = whole.tokenizer(FORGET[:2], return_tensors="pt", padding=True).to("cuda")
@@ -129,7 +120,7 @@ def test_device_map_across_gpu_and_cpu_offload(model_dir: Path, sae_dir: Path, t
         torch.testing.assert_close(b[layer].forget_sum, a[layer].forget_sum, rtol=2e-3, atol=2e-3)
 
 
-def test_device_map_over_every_gpu(model_dir: Path, sae_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
+def test_device_map_over_every_gpu(tiny_llama_dir: Path, sae_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
     """Blocks spread over the GPUs (one GPU: all on it): CRISP trains LoRA on them."""
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.features import find_features, make_strategy
@@ -138,7 +129,7 @@ def test_device_map_over_every_gpu(model_dir: Path, sae_dir: Path, tmp_path: Pat
     n = torch.cuda.device_count()
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": n - 1, "lm_head": n - 1}
     device_map |= {f"model.layers.{i}": i * n // 4 for i in range(4)}
-    loaded = load_model(str(model_dir), dtype="float32", device="cuda", placement=Placement(device_map))
+    loaded = load_model(str(tiny_llama_dir), dtype="float32", device="cuda", placement=Placement(device_map))
     assert isinstance(loaded, LoadedModel) and loaded.sharded
     saes = load_saes_from_spec(str(sae_dir), device=str(loaded.device))
     pack = load_pack(pack_dir)

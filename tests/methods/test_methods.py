@@ -6,14 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.errors import UserError
-from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import apply, export_merged, method_config, unlearn
 from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, retain_kl
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
 from sae_unlearn.methods.persistent import relative_mse
-from sae_unlearn.saes.loading import LoadedSAE, load_saes_from_spec
+from sae_unlearn.saes.loading import LoadedSAE
 from tests.conftest import tiny_sae
 
 
@@ -119,16 +117,6 @@ def test_method_options_are_checked() -> None:
         method_config("clamp", {"scale": -3})
     with pytest.raises(UserError, match="unknown CRISP objective"):
         method_config("crisp", {"objective": "fast"})
-
-
-@pytest.fixture
-def setup(loaded, sae_dir, pack_dir):
-    saes = load_saes_from_spec(str(sae_dir))
-    pack = load_pack(pack_dir)
-    selection = find_features(
-        loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False
-    )
-    return loaded, saes, pack, selection, str(sae_dir)
 
 
 def _crisp_options(**kw):

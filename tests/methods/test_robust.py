@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_unlearn.concepts.pack import load_pack
-from sae_unlearn.features import find_features, make_strategy
 from sae_unlearn.methods import apply, apply_merged, unlearn
 from sae_unlearn.methods.base import MethodContext
 from sae_unlearn.methods.persistent import AdapterTrainer
@@ -27,7 +25,6 @@ from sae_unlearn.methods.robust import (
     sam_gradient,
 )
 from sae_unlearn.models.hooks import decoder_blocks
-from sae_unlearn.saes.loading import load_saes_from_spec
 from tests.conftest import FORGET, RETAIN, tiny_model
 
 # ------------------------------------------------------------------------------------------- SAM
@@ -143,16 +140,6 @@ def test_adversary_gradient_is_taken_at_the_fork_which_never_leaks_into_the_weig
 
 
 # ------------------------------------------------------------------------------------------- runs
-
-
-@pytest.fixture
-def setup(loaded, sae_dir, pack_dir):
-    saes = load_saes_from_spec(str(sae_dir))
-    pack = load_pack(pack_dir)
-    selection = find_features(
-        loaded, saes, pack, make_strategy("crisp", k=4, min_ratio=0.0), batch_size=4, with_examples=False
-    )
-    return loaded, saes, pack, selection, str(sae_dir)
 
 
 def _options(**kw):

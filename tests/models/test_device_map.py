@@ -12,34 +12,25 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.features.statistics import compute_stats
 from sae_unlearn.models.loading import Placement, load_model, main_device, parse_max_memory
 from sae_unlearn.saes.loading import load_saes_from_spec
-from tests.conftest import FORGET, RETAIN, make_tokenizer, tiny_model, tiny_sae
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = make_tokenizer()
-    tiny_model("llama", len(tokenizer), n_layers=4).save_pretrained(str(root))
-    tokenizer.save_pretrained(str(root))
-    return root
+from tests.conftest import FORGET, RETAIN, tiny_sae
 
 
 def _bytes(path: Path) -> int:
     return sum(p.numel() * 4 for p in load_model(str(path), dtype="float32").model.parameters())
 
 
-def _sharded(model_dir: Path, tmp_path: Path, device_map: object = "auto") -> object:
+def _sharded(tiny_llama_dir: Path, tmp_path: Path, device_map: object = "auto") -> object:
     """Half the weights in 'CPU memory', the rest offloaded to disk (loaded block by block per forward)."""
-    budget = {"cpu": _bytes(model_dir) // 2}
+    budget = {"cpu": _bytes(tiny_llama_dir) // 2}
     placement = Placement(device_map, budget, str(tmp_path / "offload"))  # type: ignore[arg-type]
-    return load_model(str(model_dir), dtype="float32", device="cpu", placement=placement)
+    return load_model(str(tiny_llama_dir), dtype="float32", device="cpu", placement=placement)
 
 
-def test_offloaded_model_gives_the_same_logits_statistics_and_edits(model_dir: Path, tmp_path: Path) -> None:
+def test_offloaded_model_gives_the_same_logits_statistics_and_edits(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from sae_unlearn.methods.interventions import Intervention, LayerEdit, install
 
-    whole = load_model(str(model_dir), dtype="float32", device="cpu")
-    split = _sharded(model_dir, tmp_path)
+    whole = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    split = _sharded(tiny_llama_dir, tmp_path)
     places = set(split.model.hf_device_map.values())
     assert split.sharded and not whole.sharded and {"cpu", "disk"} <= places
     assert split.model.hf_device_map["model.layers.3"] == "disk" and split.device == torch.device("cpu")
@@ -73,7 +64,7 @@ def test_offloaded_model_gives_the_same_logits_statistics_and_edits(model_dir: P
         assert not torch.allclose(edited, whole.model(**ids).logits)
 
 
-def test_crisp_on_a_sharded_model_trains_the_same_adapter(model_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
+def test_crisp_on_a_sharded_model_trains_the_same_adapter(tiny_llama_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
     from safetensors.torch import load_file
 
     from sae_unlearn.concepts.pack import load_pack
@@ -91,8 +82,8 @@ def test_crisp_on_a_sharded_model_trains_the_same_adapter(model_dir: Path, tmp_p
     options |= {"lr": 1e-2, "lora_dropout": 0.0, "lora_layers": [0, 1], "retain_kl_positions": 8}
     adapters = []
     for name, loaded in (
-        ("whole", load_model(str(model_dir), dtype="float32", device="cpu")),
-        ("split", _sharded(model_dir, tmp_path, device_map)),
+        ("whole", load_model(str(tiny_llama_dir), dtype="float32", device="cpu")),
+        ("split", _sharded(tiny_llama_dir, tmp_path, device_map)),
     ):
         if name == "split":
             layer3 = loaded.model.model.layers[3]
@@ -108,11 +99,11 @@ def test_crisp_on_a_sharded_model_trains_the_same_adapter(model_dir: Path, tmp_p
         torch.testing.assert_close(adapters[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_lora_on_an_offloaded_block_is_refused(model_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
+def test_lora_on_an_offloaded_block_is_refused(tiny_llama_dir: Path, tmp_path: Path, pack_dir: Path) -> None:
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.methods import unlearn
 
-    split = _sharded(model_dir, tmp_path)
+    split = _sharded(tiny_llama_dir, tmp_path)
     options = {"steps": 1, "batch_size": 2, "max_length": 32, "fluency_every": 0, "lora_layers": [3]}
     with pytest.raises(UserError, match="offloaded"):
         unlearn("npo", split, load_pack(pack_dir), tmp_path / "run", options=options)
