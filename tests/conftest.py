@@ -196,3 +196,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model("llama", len(tokenizer), n_layers=4).save_pretrained(str(root))
     tokenizer.save_pretrained(str(root))
     return root
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tokenizer) -> Path:
+    """A tiny Llama saved as a local model directory (what --model takes)."""
+    root = tmp_path / "tiny-model"
+    tiny_model("llama", len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root

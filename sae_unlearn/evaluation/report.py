@@ -346,7 +346,7 @@ def render_compare_report(results: dict[str, Any]) -> str:
 
 
 def _relearn_cell(r: Any, attack: str, is_base: bool) -> str:
-    """`0.60 -> 0.90, recovery 0.75 (control +0.00)` for one attack of one method's relearning record."""
+    """`0.6 -> 0.9, recovery 0.75 (base control +0.00)` for one attack of one method's relearning record."""
     a = nested(r, "relearning", "attacks", attack)
     curve = nested(a, "curve") or []
     if not curve:

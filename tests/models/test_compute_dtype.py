@@ -23,7 +23,7 @@ from sae_unlearn.models import loading
 from sae_unlearn.models.loading import decide_compute_dtype, load_model
 from sae_unlearn.saes import SAETrainingConfig, load_saes_for
 from sae_unlearn.saes.training import encoder_matmul_dtype
-from tests.conftest import tiny_model, tiny_sae
+from tests.conftest import tiny_sae
 
 D_SAE = 80
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation", "dot"}
@@ -69,14 +69,6 @@ def test_decision_follows_cpu_capability_and_dtype_option(monkeypatch: pytest.Mo
     assert forced.dtype == torch.float32 and forced.reason == "--dtype float32"
     with pytest.raises(UserError, match="unknown dtype"):
         decide_compute_dtype("int8", cpu)
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path, tokenizer) -> Path:
-    path = tmp_path / "model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
