@@ -33,9 +33,11 @@ def text_nlls(
 ) -> list[tuple[float, int]]:
     """Per text: summed token NLL and scored token count (BOS and padding masked); paired CIs resample texts."""
     device = main_device(model)  # a sharded model: its first device
-    out: list[tuple[float, int]] = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
     for start in range(0, len(texts), batch_size):
-        enc = tokenize(tokenizer, texts[start : start + batch_size], max_length, device)
+        chunk = order[start : start + batch_size]
+        enc = tokenize(tokenizer, [texts[i] for i in chunk], max_length, device)
         target_valid = enc.valid[:, 1:]
         rows, cols = target_valid.nonzero(as_tuple=True)
         logits = logits_at(model, enc.input_ids, enc.attention_mask, rows.cpu(), cols.cpu())
@@ -44,7 +46,8 @@ def text_nlls(
         n = len(enc.input_ids)
         sums = torch.zeros(n, device=losses.device).index_add_(0, rows.to(losses.device), losses)
         counts = torch.bincount(rows, minlength=n)
-        out += [(float(t), int(c)) for t, c in zip(sums.cpu(), counts.cpu(), strict=True)]
+        for i, t, c in zip(chunk, sums.cpu(), counts.cpu(), strict=True):
+            out[i] = (float(t), int(c))
     return out
 
 

@@ -15,6 +15,7 @@ every setting (steps, batch sizes, max lengths, probe counts, attacks); nothing 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -117,10 +118,15 @@ def _lora_copy(loaded: LoadedModel, dtype: torch.dtype | None = None) -> Any:
 
 
 def probe_throughput(
-    loaded: LoadedModel, saes: Sequence[LoadedSAE], budget_s: float = 0.4, attack_dtype: str | None = None
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    budget_s: float = 0.4,
+    attack_dtype: str | None = None,
+    attack_autocast: torch.dtype | None = None,
 ) -> Throughput:
     """Measure each rate on the run's own model and SAEs (a few seconds in all; the model is not changed).
-    `attack_dtype`: the relearning attacks' copy dtype, when they run (their steps are timed on such a copy)."""
+    `attack_dtype`: the relearning attacks' copy dtype, when they run (their steps are timed on such a copy,
+    under `attack_autocast` as the attacks run)."""
     started = time.perf_counter()
     device = loaded.device
     vocab = int(loaded.model.config.get_text_config().vocab_size)
@@ -170,9 +176,10 @@ def probe_throughput(
             logits = attack(input_ids=ids, attention_mask=mask).logits
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
 
-        attack_train_rate = _rate(attack_step, tokens, budget_s)
-        with torch.no_grad():
-            attack_forward_rate = _rate(lambda: attack(input_ids=ids, attention_mask=mask).logits, tokens, budget_s)
+        with torch.autocast(device.type, dtype=attack_autocast) if attack_autocast else contextlib.nullcontext():
+            attack_train_rate = _rate(attack_step, tokens, budget_s)
+            with torch.no_grad():
+                attack_forward_rate = _rate(lambda: attack(input_ids=ids, attention_mask=mask).logits, tokens, budget_s)
         del attack
     return Throughput(
         forward_tokens=forward_rate,
@@ -399,9 +406,13 @@ def estimate_compare(
 
         saes = load_saes_for(loaded, cfg.sae)
     from sae_unlearn.evaluation.evaluate import relearn_config
+    from sae_unlearn.evaluation.relearning import autocast_dtype
 
     attacks = cfg.eval.relearn and cfg.eval.robustness_for != []
-    rates = probe_throughput(loaded, saes, budget_s, relearn_config(cfg.eval).dtype if attacks else None)
+    rcfg = relearn_config(cfg.eval)
+    rates = probe_throughput(
+        loaded, saes, budget_s, rcfg.dtype if attacks else None, autocast_dtype(loaded, rcfg.autocast)
+    )
     return estimate(stage_plan(loaded, saes, pack, cfg), rates), rates
 
 

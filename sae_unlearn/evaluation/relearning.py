@@ -11,7 +11,9 @@ unrelated generic paragraphs (Łucki et al.: these bring back most of what RMU h
 
 Every attack runs on a private copy of the model under test (adapter merged into the copy, RMU
 weights copied in, or clamp/ablate hooks installed on it): the caller's model is never touched.
-Step 0 is measured on that copy, in the dtype it is trained in.
+Step 0 is measured on that copy, in the dtype it is trained in. The copy's weights are float32 (a
+bfloat16 weight would not move at lr 2e-5); where the run computes in bfloat16, the attack's matrix
+products run under bfloat16 autocast (mixed precision: float32 weights and optimizer state).
 
 results.json, "relearning":
     {"protocol", "leaked": 0, "split": {...sizes}, "acc_base", "acc_unlearned", "gap": {"value", "noise",
@@ -96,6 +98,7 @@ class RelearnConfig:
     generic_examples: int = 10
     ppl_texts: int = 16
     dtype: str = "float32"  # the attacked copies: bf16 weights would not move at lr 2e-5
+    autocast: str = "auto"  # products: auto (the run's compute dtype), float32 or bfloat16 (mixed precision)
 
 
 def grid(name: str, eval_at: Sequence[int] | None = None, lr: float | None = None) -> list[Attack]:
@@ -297,17 +300,34 @@ def fine_tune_attack(
     return curve
 
 
+def autocast_dtype(loaded: LoadedModel, autocast: str) -> torch.dtype | None:
+    """The dtype the attack's products run in under autocast, or None for plain float32."""
+    if autocast == "auto":
+        chosen = loaded.compute_dtype.dtype
+    elif autocast in ("float32", "bfloat16"):
+        chosen = getattr(torch, autocast)
+    else:
+        raise UserError(f"unknown attack autocast {autocast!r}", "use auto, float32 or bfloat16")
+    return None if chosen == torch.float32 else chosen
+
+
 @contextlib.contextmanager
-def attacked_copy(loaded: LoadedModel, run: Path | LoadedModel | None, dtype: str = "float32") -> Any:
+def attacked_copy(
+    loaded: LoadedModel, run: Path | LoadedModel | None, dtype: str = "float32", autocast: str = "auto"
+) -> Any:
     """A private copy of the model under test: the base model (`run` None), the base model with a run
     directory made permanent (adapter merged, RMU weights copied, clamp/ablate hooks installed), or a
-    separately loaded model (a merged export). Cast to `dtype` before the run is attached."""
+    separately loaded model (a merged export). Cast to `dtype` before the run is attached; used inside
+    the block under `autocast` (see autocast_dtype)."""
     source = run.model if isinstance(run, LoadedModel) else loaded.model
     model = copy.deepcopy(source)
     if dtype != "model":
         model = model.to(getattr(torch, dtype))
     private = dataclasses.replace(loaded, model=model)
+    mixed = autocast_dtype(loaded, autocast)
     with contextlib.ExitStack() as stack:
+        if mixed is not None:
+            stack.enter_context(torch.autocast(main_device(model).type, dtype=mixed))
         if isinstance(run, Path):
             model = stack.enter_context(apply_merged(private, run))
         model.requires_grad_(False)
@@ -324,7 +344,7 @@ def _run_curve(
     ppl_texts: Sequence[str],
     cfg: RelearnConfig,
 ) -> list[dict[str, Any]]:
-    with attacked_copy(loaded, run, cfg.dtype) as model:
+    with attacked_copy(loaded, run, cfg.dtype, cfg.autocast) as model:
         return fine_tune_attack(
             model, loaded.tokenizer, split.texts(attack.text), attack, split.scored, ppl_texts, seed=seed
         )
@@ -381,14 +401,15 @@ def relearning_evaluation(
         "scored_ids": [p.id for p in split.scored],
         "ppl_ratio_max": cfg.ppl_ratio_max,
         "dtype": cfg.dtype,
+        "autocast": str(autocast_dtype(loaded, cfg.autocast) or "none").removeprefix("torch."),
         "seeds": list(cfg.seeds),
     }
     if not split.scored:
         return {**record, "valid": False, "reason": "no target probe falls in the scored half", "curve": []}
-    key = split.fingerprint() + cfg.dtype
+    key = split.fingerprint() + cfg.dtype + record["autocast"]
     base_ref = cache.get(("base", key))
     if base_ref is None:
-        with attacked_copy(loaded, None, cfg.dtype) as base_model:
+        with attacked_copy(loaded, None, cfg.dtype, cfg.autocast) as base_model:
             base_ref = _measure(base_model, loaded.tokenizer, split.scored, ppl_texts)
         cache[("base", key)] = base_ref
     is_base = run is None

@@ -160,16 +160,16 @@ def letter_choices(
             answers.append(order.index(0))
             n_options.append(len(options))
             owners.append(pi)
-    right: list[bool] = []
+    right = [False] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="right").to(device)
+        chunk = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(device)
         last = enc.attention_mask.sum(-1) - 1
         logits = logits_at(model, enc.input_ids, enc.attention_mask, torch.arange(len(last)), last.cpu()).cpu()
-        for row, (n, answer) in enumerate(
-            zip(n_options[start : start + batch_size], answers[start : start + batch_size], strict=True)
-        ):
-            right.append(int(logits[row, letter_ids[:n]].argmax()) == answer)
+        for row, i in enumerate(chunk):
+            right[i] = int(logits[row, letter_ids[: n_options[i]]].argmax()) == answers[i]
     flags = np.array(right, dtype=bool)
     owner = np.array(owners)
     return [flags[owner == pi] for pi in range(len(probes))]

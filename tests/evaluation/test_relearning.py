@@ -205,3 +205,31 @@ def test_report_shows_recovery_with_control_and_the_goal_reads_the_worst_case() 
     page = render_compare_report(results)
     assert "Relearning attacks" in page and "0.80 → 0.82" in page and "0.30 → 0.55" in page
     assert "crisp: 0.50 (lora_r16, step 10)" in page
+
+
+def test_attack_under_bfloat16_autocast_trains_float32_weights(loaded) -> None:
+    """A bfloat16 run's attack: float32 weights (lr 2e-5 steps must not vanish in bfloat16 rounding), the
+    products in bfloat16; a float32 run's attack has no autocast."""
+    import dataclasses
+
+    from sae_unlearn.evaluation.relearning import attacked_copy, autocast_dtype, fine_tune_attack
+    from sae_unlearn.models.loading import ComputeDtype
+
+    assert autocast_dtype(loaded, "auto") is None and loaded.dtype == torch.float32
+    bf16_run = dataclasses.replace(loaded, compute=ComputeDtype(torch.bfloat16, "test"))
+    assert autocast_dtype(bf16_run, "auto") == torch.bfloat16
+    assert autocast_dtype(bf16_run, "float32") is None
+    with pytest.raises(Exception, match="unknown attack autocast"):
+        autocast_dtype(loaded, "fp8")
+
+    seen: list[torch.dtype] = []
+    with attacked_copy(bf16_run, None) as model:
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        attack = Attack("full", "full", 2e-5, [0, 1], batch_size=2, max_length=16)
+        fine_tune_attack(model, loaded.tokenizer, FORGET[:4], attack, [], [])
+        hook.remove()
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert seen and set(seen) == {torch.bfloat16}, "the products did not run in bfloat16"
+    assert moved, "a float32 weight did not move at lr 2e-5"

@@ -139,3 +139,20 @@ def test_fluency_measures() -> None:
     assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
     assert foreign_script_share("Harry Potter is a", "boy wizard") == 0.0
     assert foreign_script_share("Harry Potter is a", "наз займе") == 1.0
+
+
+def test_length_sorted_batches_keep_each_items_own_result(loaded) -> None:
+    """Batches are formed by length: every text's NLL and every letter prompt's choice is the one it gets
+    alone, in the caller's order."""
+    from sae_unlearn.text_metrics import text_nlls
+
+    texts = ["a long text " * 9, "short", "a middling text of words", "x y " * 15, "tiny"]
+    together = text_nlls(loaded.model, loaded.tokenizer, texts, batch_size=2)
+    alone = [text_nlls(loaded.model, loaded.tokenizer, [t])[0] for t in texts]
+    assert [n for _, n in together] == [n for _, n in alone]
+    assert [t for t, _ in together] == pytest.approx([t for t, _ in alone], rel=1e-4)
+    five = Probe("e", "Which tree grows by the mill in the old village?", "oak", ("ash", "elm", "yew", "fir"), "near")
+    probes = [five, *PROBES]
+    batched = letter_choices(loaded.model, loaded.tokenizer, probes, batch_size=3)
+    single = [letter_choices(loaded.model, loaded.tokenizer, [p], batch_size=1)[0] for p in probes]
+    assert all(np.array_equal(b, s) for b, s in zip(batched, single, strict=True))
