@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
@@ -32,10 +32,36 @@ class MethodContext:
     resume: bool = False
 
 
+@dataclass(frozen=True)
+class TrainingWork:
+    """What a method's `run` trains, for the time estimate (evaluation/estimate.py turns paragraphs into
+    tokens with the run's tokenizer and pack): each optimizer step reads one forget and one retain batch
+    of `batch_size` training paragraphs, each cut to `max_length` tokens."""
+
+    steps: int
+    batch_size: int
+    max_length: int
+    depth: float = 1.0
+    """Share of the decoder body that each step's forward and backward pass runs through."""
+    coherence: bool = False
+    """Each step also trains on one paragraph of the pack's coherence text."""
+    sae_forget: bool = False
+    """Each step passes the forget batch through the SAEs."""
+    kl_positions: int = 0
+    """Retain positions per step whose next-token logits both the adapted and the frozen model compute."""
+    frozen_states: Literal["first_epoch", "retain_each_step"] = "first_epoch"
+    """When the frozen model's states are computed: "first_epoch", the forget and retain batches up to the
+    deepest SAE layer and the coherence paragraph, during the first epoch and reused after it
+    (persistent.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step."""
+    fluency_every: int = 0
+    """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
+
+
 class Method:
     name: ClassVar[str] = ""
     needs_saes: ClassVar[bool] = True
     persistent: ClassVar[bool] = False  # changes weights (adapter, swapped parameters): `export` can merge them
+    hooks_saes: ClassVar[bool] = False  # installed as SAE hooks: every token the installed model reads passes them
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -44,6 +70,11 @@ class Method:
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         """Write the artifact into ctx.out and return a summary for config.json."""
         raise NotImplementedError
+
+    @classmethod
+    def training_work(cls, config: Any, loaded: LoadedModel) -> TrainingWork | None:
+        """What `run` trains under `config` on `loaded`, for the time estimate; None: it trains nothing."""
+        return None
 
     @classmethod
     def install(cls, loaded: LoadedModel, run_dir: Path) -> AbstractContextManager[Any]:

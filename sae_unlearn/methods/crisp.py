@@ -31,7 +31,7 @@ from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import robust
 from sae_unlearn.methods.adapter import AdapterMethod
-from sae_unlearn.methods.base import MethodContext, register
+from sae_unlearn.methods.base import MethodContext, TrainingWork, register
 from sae_unlearn.methods.persistent import (
     AdapterTrainer,
     FrozenReference,
@@ -41,6 +41,7 @@ from sae_unlearn.methods.persistent import (
 )
 from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
+from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.edit import (
     activate_columns,
     apply_feature_edit,
@@ -193,6 +194,20 @@ def retain_kl(
 class CrispMethod(AdapterMethod):
     name = "crisp"
     Config = CrispConfig
+
+    @classmethod
+    def training_work(cls, config: CrispConfig, loaded: LoadedModel) -> TrainingWork:
+        """Forward and backward through the body on forget, retain and coherence text; the forget batch
+        through the SAEs; the KL term's logits on both models; the frozen states cached after one epoch."""
+        return TrainingWork(
+            config.steps,
+            config.batch_size,
+            config.max_length,
+            coherence=True,
+            sae_forget=True,
+            kl_positions=config.retain_kl_positions if config.retain_kl_weight else 0,
+            fluency_every=config.fluency_every if config.objective == "ablation" else 0,
+        )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: CrispConfig = self.config

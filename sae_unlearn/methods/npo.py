@@ -25,10 +25,11 @@ from torch.utils.checkpoint import checkpoint
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.adapter import AdapterMethod
-from sae_unlearn.methods.base import MethodContext, register
+from sae_unlearn.methods.base import MethodContext, TrainingWork, register
 from sae_unlearn.methods.persistent import AdapterTrainer, epoch_batch
 from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
+from sae_unlearn.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ class NpoMethod(AdapterMethod):
     name = "npo"
     needs_saes = False
     Config = NpoConfig
+
+    @classmethod
+    def training_work(cls, config: NpoConfig, loaded: LoadedModel) -> TrainingWork:
+        """The shape the estimate has given every adapter method (CRISP's hidden-state step)."""
+        return TrainingWork(config.steps, config.batch_size, config.max_length, coherence=True, sae_forget=True)
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: NpoConfig = self.config

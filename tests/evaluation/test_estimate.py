@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +140,52 @@ def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Pat
     assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
     assert saved["compute_dtype"]["dtype"] == "float32"
     assert saved["throughput_per_second"]["forward_tokens"] > 0
+
+
+# The work of each method's stages on the tiny set-up, as computed before the methods' cost models moved
+# into their own modules (Method.training_work / hooks_saes): the move must not change a figure.
+BEFORE_THE_MOVE = {
+    "unlearn_crisp": Work(
+        forward_tokens=870.375,
+        lm_head_rows=1409,
+        sae_tokens=1683.3333333333335,
+        train_tokens=3228.333333333334,
+        generated_tokens=96,
+    ),
+    "evaluate_crisp": Work(forward_tokens=14093.5, lm_head_rows=11133, sae_tokens=1010, generated_tokens=96),
+    "unlearn_clamp": Work(),
+    "evaluate_clamp": Work(forward_tokens=13714.75, lm_head_rows=11133, sae_tokens=12710, generated_tokens=96),
+    "unlearn_ablate": Work(),
+    "evaluate_ablate": Work(forward_tokens=13714.75, lm_head_rows=11133, sae_tokens=12710, generated_tokens=96),
+    "unlearn_rmu": Work(forward_tokens=672.5, train_tokens=1514.166666666667),
+    "evaluate_rmu": Work(forward_tokens=13336, lm_head_rows=11133, generated_tokens=96),
+    "unlearn_npo": Work(forward_tokens=741.375, sae_tokens=1010, train_tokens=1937),
+    "evaluate_npo": Work(forward_tokens=13336, lm_head_rows=11133, generated_tokens=96),
+}
+
+
+def test_each_methods_work_is_what_it_was_before_the_cost_models_moved(loaded, pack_dir: Path) -> None:
+    cfg = CompareConfig(
+        methods=["crisp", "clamp", "ablate", "rmu", "npo"],
+        max_length=64,
+        method_options={
+            "crisp": {"steps": 10, "fluency_every": 4},
+            "rmu": {"steps": 10},
+            "npo": {"steps": 6, "fluency_every": 3},
+        },
+        eval=EvalConfig(probe_split="all", letter=True, relearn_steps=4, relearn_eval_at=[0, 4]),
+    )
+    plan = dict(stage_plan(loaded, _saes(), load_pack(pack_dir), cfg))
+    for stage, before in BEFORE_THE_MOVE.items():
+        assert asdict(plan[stage]) == pytest.approx(asdict(before), rel=1e-12), stage
+    published = CompareConfig(
+        methods=["crisp"],
+        max_length=64,
+        method_options={"crisp": {"steps": 7, "objective": "published"}},
+        eval=EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4]),
+    )
+    crisp = dict(stage_plan(loaded, _saes(), load_pack(pack_dir), published))["unlearn_crisp"]
+    before = Work(
+        forward_tokens=741.375, lm_head_rows=896, sae_tokens=1178.3333333333335, train_tokens=2259.8333333333335
+    )
+    assert asdict(crisp) == pytest.approx(asdict(before), rel=1e-12)
