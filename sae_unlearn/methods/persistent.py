@@ -122,7 +122,7 @@ class FluencyCheck:
         self.tokenizer, self.prompts, self.new_tokens = tokenizer, prompts, new_tokens
         with peft_model.disable_adapter():
             base = fluency_metrics(peft_model, tokenizer, prompts, generate(peft_model, tokenizer, prompts, new_tokens))
-        self.base_ppl, self.base_repetition = base["base_ppl"], base["repeated_3gram_share"]
+        self.base_own_ppl, self.base_repetition = base["base_model_ppl"], base["repeated_3gram_share"]
 
     def read(self, peft_model: Any) -> FluencyReading:
         was_training = peft_model.training
@@ -135,7 +135,7 @@ class FluencyCheck:
             "fluency check: %s",
             " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)),
         )
-        return FluencyReading(metrics["base_ppl"] / self.base_ppl, metrics["repeated_3gram_share"])
+        return FluencyReading(metrics["base_model_ppl"] / self.base_own_ppl, metrics["repeated_3gram_share"])
 
 
 def check_not_offloaded(model: Any, layers: Sequence[int], what: str) -> None:
