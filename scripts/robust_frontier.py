@@ -78,7 +78,7 @@ def attack_summary(record: dict[str, Any]) -> dict[str, Any]:
             "curve": [(p["step"], p["target_acc"], p.get("recovery"), p.get("generic_ppl_ratio")) for p in a["curve"]],
             "control": [(p["step"], p["target_acc"]) for p in (a.get("control") or {}).get("curve", [])],
         }
-    out["worst_case"] = record.get("worst_case")
+    out["strongest_attack"] = record.get("strongest_attack")
     return out
 
 

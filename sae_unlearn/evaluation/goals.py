@@ -127,12 +127,12 @@ def _paired_samples(
 
 
 def _relearn_recovery(method: dict[str, Any], base: dict[str, Any]) -> Measure:
-    """The fact-disjoint attacks' worst-case recovery fraction (relearning.py); for records without it,
+    """The strongest fact-disjoint attack's recovery fraction (relearning.py); for records without it,
     (acc after the attack - acc before) / (base acc - acc before) from the curve. A point estimate (the
     curves carry no per-probe data), so its CI is the point itself; see `note`."""
-    worst = _finite(nested(method, "relearning", "worst_case", "recovery"))
-    if worst is not None:
-        return worst, (worst, worst)
+    strongest = _finite(nested(method, "relearning", "strongest_attack", "recovery"))
+    if strongest is not None:
+        return strongest, (strongest, strongest)
     if isinstance(nested(method, "relearning", "attacks"), dict):
         return None  # attacks ran but no recovery is defined (gap within noise, or every attack broke the model)
     curve = sorted(

@@ -232,3 +232,22 @@ def test_results_with_the_old_fluency_names_read_the_same(results: dict) -> None
     rows = verdicts(old)["crisp"]
     assert rows["forget_prompt_fluency_ratio_max"]["note"] == "invalid: prompts open training paragraphs"
     assert rows["far_drop_max_points"]["note"] == ""
+
+
+def test_results_with_the_old_strongest_attack_name_read_the_same() -> None:
+    curve = [
+        {"step": 0, "target_acc": 0.3, "generic_ppl": 20.0, "generic_ppl_ratio": 1.0, "recovery": 0.0},
+        {"step": 10, "target_acc": 0.55, "generic_ppl": 24.0, "generic_ppl_ratio": 1.2, "recovery": 0.5},
+    ]
+    strongest = {"attack": "lora_r16", "step": 10, "recovery": 0.5, "generic_ppl_ratio": 1.2}
+    rec = {"leaked": 0, "ppl_ratio_max": 1.5, "attacks": {"lora_r16": {"curve": curve, "recovery": 0.5}}}
+
+    def results(key: str) -> dict:
+        methods = {"base": {}, "crisp": {"relearning": {**rec, key: strongest}}}
+        return {"goals": {"relearn_recovery_max": 0.4}, "methods": methods}
+
+    old, new = results("worst_case"), results("strongest_attack")
+    assert verdicts(old) == verdicts(new)
+    assert verdicts(old)["crisp"]["relearn_recovery_max"]["value"] == 0.5
+    assert render_compare_report(old) == render_compare_report(new)
+    assert "crisp: 0.50 (lora_r16, step 10)" in render_compare_report(old)
