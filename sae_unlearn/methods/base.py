@@ -6,6 +6,7 @@ caller that owns the model) and `export` (writes a full model with the run's wei
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -18,6 +19,8 @@ from sae_unlearn.features import FeatureSelection
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.options import coerce_options
 from sae_unlearn.saes.loading import LoadedSAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Method:
     needs_saes: ClassVar[bool] = True
     persistent: ClassVar[bool] = False  # changes weights (adapter, swapped parameters): `export` can merge them
     hooks_saes: ClassVar[bool] = False  # installed as SAE hooks: every token the installed model reads passes them
+    renamed_options: ClassVar[dict[str, str]] = {}  # {old option name: current name}, still accepted
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -114,12 +118,29 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def current_option_names(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a method's renamed options under their current names (a deprecation warning each)."""
+    renamed = METHODS[name].renamed_options if name in METHODS else {}
+    out = dict(options)
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise UserError(
+                f"method {name} got both {old} and {new}", f"{old} is the old name of {new}: give only {new}"
+            )
+        log.warning("method %s: option %s is deprecated, use %s (same meaning)", name, old, new)
+        out[new] = out.pop(old)
+    return out
+
+
 def method_config(name: str, options: dict[str, Any]) -> Any:
     """Build a method's config from options, refusing options that do not apply to the method and values
     of the wrong type (checked against the config's field types, before anything loads)."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", f"use one of {', '.join(sorted(METHODS))}")
     config_cls = METHODS[name].Config
+    options = current_option_names(name, options)
     valid = {f.name for f in fields(config_cls)}
     for key in options:
         if key not in valid:

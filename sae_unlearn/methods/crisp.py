@@ -2,7 +2,7 @@
 forget text while hidden states on retain text stay as they were.
 
 Two objectives:
-- `published`: unlearn = the reference's `loss_features_acts`: the margin |alpha * mean(pre_acts)|
+- `published`: unlearn = the reference's `loss_features_acts`: the margin |margin_alpha * mean(pre_acts)|
   is added to the selected features' pre-activations where the frozen model had them active, the
   SAE's own activation applied (JumpReLU threshold included), and the positive selected
   activations on valid tokens averaged, per layer, then over layers; retain = MSE of hidden
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -82,7 +82,7 @@ class CrispConfig:
     batch_size: int = 4
     max_length: int = 128
     lr: float = 1e-3  # published: 1e-5 (Gemma-2-2B, 625 steps); third parties 1e-4..5e-4
-    alpha: float = 5.0  # published margin (Gemma); 30 for Llama
+    margin_alpha: float = 5.0  # the published loss's margin factor, `alpha` in the paper (Gemma); 30 for Llama
     beta: float = 0.99
     gamma: float = 0.01
     # ablation objective; scale, retain and KL weights chosen on the tune probe split of harry-potter
@@ -139,11 +139,11 @@ def published_unlearn_loss(
     frozen_active: torch.Tensor,
     features: torch.Tensor,
     valid: torch.Tensor,
-    alpha: float,
+    margin_alpha: float,
 ) -> torch.Tensor:
     """The CRISP reference's `loss_features_acts` for one layer.
 
-    The selected features' pre-activations get the margin |alpha * mean over all latents of the
+    The selected features' pre-activations get the margin |margin_alpha * mean over all latents of the
     pre-activations| on the tokens where the frozen model had them active (`frozen_active`
     [..., n_features]); the SAE's own activation (JumpReLU threshold, TopK selection, gate) turns
     them into activations; the loss is the mean of the positive ones on valid tokens (0 when none).
@@ -158,11 +158,11 @@ def published_unlearn_loss(
             mean_pre = sae_in @ (sae.W_enc * sae.r_mag.exp()).mean(1) + sae.b_mag.mean()
         else:
             mean_pre = sae_in @ sae.W_enc.mean(1) + sae.b_enc.mean()
-        pre = torch.where(frozen_active, pre + (alpha * mean_pre).abs().unsqueeze(-1), pre)
+        pre = torch.where(frozen_active, pre + (margin_alpha * mean_pre).abs().unsqueeze(-1), pre)
         acts = activate_columns(sae, sae_in, pre, features)
     else:  # TopK and others: the activation reads every pre-activation
         pre = pre_activations(sae, x)
-        margin = (alpha * pre.mean(-1, keepdim=True)).abs()
+        margin = (margin_alpha * pre.mean(-1, keepdim=True)).abs()
         selected = pre[..., features]
         pre = pre.index_copy(-1, features, torch.where(frozen_active, selected + margin, selected))
         acts = sae.activation_fn(pre)[..., features]
@@ -194,6 +194,9 @@ def retain_kl(
 class CrispMethod(AdapterMethod):
     name = "crisp"
     Config = CrispConfig
+    renamed_options: ClassVar[dict[str, str]] = {
+        "alpha": "margin_alpha"
+    }  # RmuConfig.alpha is a retain weight: the name was ambiguous
 
     @classmethod
     def training_work(cls, config: CrispConfig, loaded: LoadedModel) -> TrainingWork:
@@ -358,7 +361,7 @@ class CrispLoss:
                 with torch.no_grad():
                     active = encode_columns(sae, frozen_f.hidden[layer], feats) > 0
                 unlearn = unlearn + published_unlearn_loss(
-                    sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.alpha
+                    sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.margin_alpha
                 )
             else:
                 with torch.no_grad():

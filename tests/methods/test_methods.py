@@ -78,10 +78,12 @@ def test_published_unlearn_loss_by_hand() -> None:
     valid = torch.tensor([[True, True]])
     # token 1: pre = [1,2,3], margin = |alpha * mean| = 1*2 -> feature 1: 2+2 = 4
     # token 2: pre = [3,0,0], margin = 1 -> feature 1: 0+1 = 1; mean over tokens = 2.5
-    loss = published_unlearn_loss(s, x, active, torch.tensor([1]), valid, alpha=1.0)
+    loss = published_unlearn_loss(s, x, active, torch.tensor([1]), valid, margin_alpha=1.0)
     assert float(loss) == pytest.approx(2.5)
     inactive = torch.tensor([[[True], [False]]])
-    assert float(published_unlearn_loss(s, x, inactive, torch.tensor([1]), valid, alpha=1.0)) == pytest.approx(4.0)
+    assert float(published_unlearn_loss(s, x, inactive, torch.tensor([1]), valid, margin_alpha=1.0)) == pytest.approx(
+        4.0
+    )
 
 
 def test_ablation_target_and_relative_mse() -> None:
