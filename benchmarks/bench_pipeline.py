@@ -319,9 +319,10 @@ def main() -> None:
     # CRISP training step vs a plain LoRA language-modelling step on the same token batches
     # (last: get_peft_model wraps the model in place)
     from sae_unlearn.concepts.pack import load_pack
+    from sae_unlearn.methods.adapter_training import AdapterTrainer
     from sae_unlearn.methods.base import MethodContext
-    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss
-    from sae_unlearn.methods.persistent import AdapterTrainer, default_lora_layers, tokenize
+    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss, default_lora_layers
+    from sae_unlearn.models.batch import tokenize
 
     crisp_cfg = CrispConfig()
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 PROBE_BATCH, PROBE_LENGTH = 2, 128  # the stages' sequence length; a small batch keeps the probe to seconds
 PPL_MAX_LENGTH = 256  # text_metrics.perplexity and feature_levels read this many tokens per text
 LETTER_PERMUTATIONS = 4  # evaluation.scoring.letter_choices: cyclic rotations of the options
-FLUENCY_CHECK_TOKENS = 32  # methods.persistent.FluencyCheck
+FLUENCY_CHECK_TOKENS = 32  # methods.fluency_check.FluencyCheck
 
 
 @dataclass

@@ -55,7 +55,7 @@ class TrainingWork:
     frozen_states: Literal["first_epoch", "retain_each_step"] = "first_epoch"
     """When the frozen model's states are computed: "first_epoch", the forget and retain batches up to the
     deepest SAE layer and the coherence paragraph, during the first epoch and reused after it
-    (persistent.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step."""
+    (frozen_reference.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step."""
     fluency_every: int = 0
     """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,14 +32,9 @@ from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import robust
 from sae_unlearn.methods.adapter import AdapterMethod
+from sae_unlearn.methods.adapter_training import AdapterTrainer, epoch_batch
 from sae_unlearn.methods.base import MethodContext, TrainingWork, register
-from sae_unlearn.methods.persistent import (
-    AdapterTrainer,
-    FrozenReference,
-    default_lora_layers,
-    epoch_batch,
-    relative_mse,
-)
+from sae_unlearn.methods.frozen_reference import FrozenReference
 from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 from sae_unlearn.models.loading import LoadedModel
@@ -131,6 +127,24 @@ class CrispConfig:
             raise UserError(f"unknown CRISP objective {self.objective!r}", "use published or ablation")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_r
+
+
+def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers).
+
+    `b` is the reference (a frozen state or target: no gradient reaches it). Data-parallel, this rank's
+    share of the global value: its summed error over the global mean of the reference's squared norm and
+    the global token count (`sae_unlearn.distributed`); the shares sum to it."""
+    a, b = a.float()[valid], b.float()[valid]
+    ranks = world()
+    n = ranks.global_count(valid.sum(), a.device)
+    reference = ranks.sum((b**2).sum()) / n
+    return ((a - b) ** 2).sum() / n / reference.clamp_min(1e-6)
+
+
+def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
+    """From one block below the first SAE layer up to the deepest SAE layer (LoRA must reach it)."""
+    return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
 
 
 def published_unlearn_loss(

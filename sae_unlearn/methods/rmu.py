@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
+from sae_unlearn.methods.adapter_training import check_not_offloaded, epoch_batch
 from sae_unlearn.methods.base import Method, MethodContext, TrainingWork, register
-from sae_unlearn.methods.persistent import check_not_offloaded, epoch_batch
 from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.models.loading import LoadedModel

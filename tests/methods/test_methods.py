@@ -8,9 +8,8 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import apply, export_merged, method_config, unlearn
-from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, retain_kl
+from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, relative_mse, retain_kl
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
-from sae_unlearn.methods.persistent import relative_mse
 from sae_unlearn.saes.loading import LoadedSAE
 from tests.conftest import tiny_sae
 
@@ -254,7 +253,8 @@ def test_apply_refuses_another_base_model(setup, tmp_path: Path) -> None:
 def test_frozen_reference_reuses_states_that_match_a_fresh_pass(loaded) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from sae_unlearn.methods.persistent import FrozenReference, hidden_at_layers, tokenize
+    from sae_unlearn.methods.frozen_reference import FrozenReference
+    from sae_unlearn.models.batch import hidden_at_layers, tokenize
 
     model = get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     try:
