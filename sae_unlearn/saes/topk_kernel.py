@@ -1,5 +1,7 @@
 """The TopK SAE training step's sparse kernel: SAELens TopKTrainingSAE's MSE and aux-k losses with the
-same values and gradients, decoded and back-propagated through the selected and dead latents only."""
+same values and gradients, decoded and back-propagated through the selected and dead latents only; and
+the dense reference step it reproduces (`reference_training_losses`, SAELens' own forward pass), which
+the trainer runs instead with `SAETrainingConfig.sparse_kernel = False`."""
 
 from __future__ import annotations
 
@@ -166,6 +168,18 @@ def topk_training_losses(
         scale = min(len(dead) / k_aux, 1.0)
         aux = cfg.aux_loss_coefficient * scale * (aux_decoded - (x - recon).detach()).pow(2).sum(-1).mean()
     return mse, aux, recon, idx[vals > 0]
+
+
+def reference_training_losses(
+    sae: Any, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_training_losses`' (mse, aux, reconstruction, fired latent ids) from SAELens'
+    `TopKTrainingSAE.training_forward_pass`: the dense step, gradients to the SAE's own parameters."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    out = sae.training_forward_pass(TrainStepInput(x, {}, dead_mask, step, False))
+    fired = out.feature_acts.nonzero()[:, -1]
+    return out.losses["mse_loss"], out.losses["auxiliary_reconstruction_loss"], out.sae_out, fired
 
 
 def _sparse_times_dense(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
