@@ -13,7 +13,7 @@ from sae_unlearn.models.batch import Batch, Hidden, hidden_at_layers
 
 class FrozenReference:
     """Hidden states of the frozen model (adapter disabled) per text, kept after the first pass over it:
-    later epochs reuse them instead of a forward pass (about a third of a CRISP step). With right
+    later epochs reuse them instead of a forward pass of the frozen model. With right
     padding and causal attention a text's states do not depend on its batch. Texts past `max_bytes`
     are not kept (they are recomputed)."""
 

@@ -69,7 +69,7 @@ class RmuConfig:
     the evaluated setting, docs/baselines.md)."""
     steps: int = 60
     """Optimizer steps, one forget and one retain batch each (published: 150 batches for Zephyr; 60 is
-    the evaluated setting, about 4 minutes on 2 CPU cores)."""
+    the evaluated setting)."""
     batch_size: int = 4
     """Paragraphs per forget batch and per retain batch (published: 4)."""
     max_length: int = 128

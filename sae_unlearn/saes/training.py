@@ -79,7 +79,8 @@ def new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, d
 def encoder_matmul_dtype(choice: str, loaded: LoadedModel) -> torch.dtype | None:
     """The trainer's ranking/dead-latent product dtype (None: float32, the weights' own). `auto` is bfloat16
     only where the device runs it in hardware and the run's compute dtype is bfloat16 (so --dtype float32
-    means float32 products); emulated bfloat16 products cost ~64x float32 on CPUs without bf16 instructions."""
+    means float32 products); emulated bfloat16 products are far slower than float32 on CPUs without bf16
+    instructions."""
     if choice == "bfloat16":
         return torch.bfloat16
     if choice == "auto" and loaded.dtype == torch.bfloat16 and bf16_is_fast(loaded.device):
@@ -88,7 +89,7 @@ def encoder_matmul_dtype(choice: str, loaded: LoadedModel) -> torch.dtype | None
 
 
 def new_optimizer(params: dict[str, torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    # fused: one kernel per parameter instead of several passes over 3.3M-entry matrices (~3x on CPU)
+    # fused: one kernel per parameter instead of several passes over each of the SAE's large matrices
     return torch.optim.Adam(params.values(), lr=lr, betas=(0.9, 0.999), fused=True)
 
 
