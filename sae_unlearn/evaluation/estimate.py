@@ -5,8 +5,8 @@ The work model counts, per stage, what the code paths in features/, methods/ and
     forward tokens      the decoder body without the lm_head (no gradient)
     lm_head rows        positions whose logits are computed (Gemma 3's 262k-row lm_head dominates them)
     SAE tokens          tokens passed through every loaded SAE's encoder (statistics, hooks, re-activation)
-    train tokens        LoRA forward + backward through the body with a hidden-state loss (CRISP, RMU)
-    LM train tokens     LoRA forward + backward with the next-token loss
+    train tokens        forward + backward through the body with a hidden-state loss (CRISP, RMU)
+    LM train tokens     LoRA forward + backward with a next-token loss (NPO)
     attack tokens       the relearning attacks' training and forward tokens, on their float32 copies
     generated tokens    greedy decoding steps times the batch (fluency samples and checks)
 Token counts come from tokenizing the pack's texts with the run's truncation lengths, so they follow
@@ -255,17 +255,21 @@ def _method_work(
     forget, retain = pack.forget_split("train"), pack.retain_split("train")
     steps, batch, max_length = int(training.steps), int(training.batch_size), int(training.max_length)
     forget_batch = batch * n.mean(forget, max_length)
-    retain_batch = batch * n.mean(retain, max_length)
+    retain_batch = batch * n.mean(retain, max_length) if training.retain else 0.0
     coherence = n.mean(pack.coherence, max_length) if training.coherence else 0.0
+    trained = (forget_batch + retain_batch) * training.depth + coherence
     step = Work(
-        train_tokens=(forget_batch + retain_batch) * training.depth + coherence,
+        train_tokens=0.0 if training.next_token_loss else trained,
+        lm_train_tokens=trained if training.next_token_loss else 0.0,
         sae_tokens=forget_batch if training.sae_forget else 0.0,
         lm_head_rows=2 * training.kl_positions,
     )
+    first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
     if training.frozen_states == "retain_each_step":
         frozen = Work(forward_tokens=steps * retain_batch * training.depth)
-    else:  # computed in the first epoch, reused after (FrozenReference)
-        first_epoch = min(steps, max(1, len(forget) // batch))
+    elif training.frozen_states == "forget_logprobs_first_epoch":
+        frozen = Work(forward_tokens=forget_batch, lm_head_rows=forget_batch) * first_epoch
+    else:  # FrozenReference
         frozen = Work(forward_tokens=(forget_batch + retain_batch) * trunk + coherence) * first_epoch
     work = step * steps + frozen
     if training.fluency_every:

@@ -38,24 +38,31 @@ class MethodContext:
 @dataclass(frozen=True)
 class TrainingWork:
     """What a method's `run` trains, for the time estimate (evaluation/estimate.py turns paragraphs into
-    tokens with the run's tokenizer and pack): each optimizer step reads one forget and one retain batch
-    of `batch_size` training paragraphs, each cut to `max_length` tokens."""
+    tokens with the run's tokenizer and pack): each optimizer step reads one forget batch (and one retain
+    batch, with `retain`) of `batch_size` training paragraphs, each cut to `max_length` tokens."""
 
     steps: int
     batch_size: int
     max_length: int
     depth: float = 1.0
     """Share of the decoder body that each step's forward and backward pass runs through."""
+    retain: bool = True
+    """Each step also trains on a retain batch."""
+    next_token_loss: bool = False
+    """The loss reads next-token log-probabilities: forward and backward include the lm_head (the
+    estimate's LM train tokens); otherwise it reads hidden states (train tokens)."""
     coherence: bool = False
     """Each step also trains on one paragraph of the pack's coherence text."""
     sae_forget: bool = False
     """Each step passes the forget batch through the SAEs."""
     kl_positions: int = 0
     """Retain positions per step whose next-token logits both the adapted and the frozen model compute."""
-    frozen_states: Literal["first_epoch", "retain_each_step"] = "first_epoch"
+    frozen_states: Literal["first_epoch", "retain_each_step", "forget_logprobs_first_epoch"] = "first_epoch"
     """When the frozen model's states are computed: "first_epoch", the forget and retain batches up to the
     deepest SAE layer and the coherence paragraph, during the first epoch and reused after it
-    (frozen_reference.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step."""
+    (frozen_reference.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step;
+    "forget_logprobs_first_epoch", the forget batch's log-probabilities (the whole model, lm_head
+    included), during the first epoch and reused after it."""
     fluency_every: int = 0
     """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
 

@@ -132,8 +132,17 @@ class NpoMethod(AdapterMethod):
 
     @classmethod
     def training_work(cls, config: NpoConfig, loaded: LoadedModel) -> TrainingWork:
-        """The shape the estimate has given every adapter method (CRISP's hidden-state step)."""
-        return TrainingWork(config.steps, config.batch_size, config.max_length, coherence=True, sae_forget=True)
+        """Log-probabilities of the forget batch (and the retain batch's, for the retain NLL) through the
+        whole model, lm_head included; the reference's forget log-probabilities cached after one epoch."""
+        return TrainingWork(
+            config.steps,
+            config.batch_size,
+            config.max_length,
+            retain=config.retain_weight > 0,
+            next_token_loss=True,
+            frozen_states="forget_logprobs_first_epoch",
+            fluency_every=config.fluency_every,
+        )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: NpoConfig = self.config
