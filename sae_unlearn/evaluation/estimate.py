@@ -249,7 +249,7 @@ def _statistics_work(texts: Sequence[str], n: _Lengths, max_length: int, trunk: 
 def _method_work(
     method: str, options: dict[str, Any], loaded: LoadedModel, pack: ConceptPack, n: _Lengths, trunk: float
 ) -> Work:
-    training = METHODS[method].training_work(method_config(method, options), loaded)
+    training = METHODS[method].training_work(method_config(method, options), loaded, pack)
     if training is None:
         return Work()  # an intervention only writes its artifact
     forget, retain = pack.forget_split("train"), pack.retain_split("train")

@@ -83,8 +83,9 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def training_work(cls, config: Any, loaded: LoadedModel) -> TrainingWork | None:
-        """What `run` trains under `config` on `loaded`, for the time estimate; None: it trains nothing."""
+    def training_work(cls, config: Any, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork | None:
+        """What `run` trains under `config` on `loaded` and `pack`, for the time estimate; None: it trains
+        nothing."""
         return None
 
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import robust
@@ -147,6 +148,13 @@ def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
     return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
 
 
+def training_steps(cfg: CrispConfig, pack: ConceptPack) -> int:
+    """`cfg.steps`, or with `cfg.epochs` that many passes over the forget training paragraphs."""
+    if cfg.epochs is None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * len(pack.forget_split("train")) / cfg.batch_size))
+
+
 def published_unlearn_loss(
     sae: Any,
     adapted: torch.Tensor,
@@ -213,11 +221,11 @@ class CrispMethod(AdapterMethod):
     }  # RmuConfig.alpha is a retain weight: the name was ambiguous
 
     @classmethod
-    def training_work(cls, config: CrispConfig, loaded: LoadedModel) -> TrainingWork:
+    def training_work(cls, config: CrispConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
         """Forward and backward through the body on forget, retain and coherence text; the forget batch
         through the SAEs; the KL term's logits on both models; the frozen states cached after one epoch."""
         return TrainingWork(
-            config.steps,
+            training_steps(config, pack),
             config.batch_size,
             config.max_length,
             coherence=True,
@@ -236,9 +244,8 @@ class CrispMethod(AdapterMethod):
         if missing:
             raise UserError(f"features were selected on layers {missing} but no SAE for them is loaded")
         lora_layers = cfg.lora_layers if cfg.lora_layers is not None else default_lora_layers(list(by_layer))
-        steps = cfg.steps
+        steps = training_steps(cfg, ctx.pack)
         if cfg.epochs is not None:
-            steps = max(1, math.ceil(cfg.epochs * len(ctx.pack.forget_split("train")) / cfg.batch_size))
             log.info("%s epoch(s) of %d-paragraph batches: %d steps", cfg.epochs, cfg.batch_size, steps)
         if max(lora_layers) < max(by_layer):
             log.warning(

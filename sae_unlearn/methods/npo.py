@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.adapter import AdapterMethod
@@ -131,7 +132,7 @@ class NpoMethod(AdapterMethod):
     Config = NpoConfig
 
     @classmethod
-    def training_work(cls, config: NpoConfig, loaded: LoadedModel) -> TrainingWork:
+    def training_work(cls, config: NpoConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
         """Log-probabilities of the forget batch (and the retain batch's, for the retain NLL) through the
         whole model, lm_head included; the reference's forget log-probabilities cached after one epoch."""
         return TrainingWork(

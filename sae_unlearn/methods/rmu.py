@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.adapter_training import check_not_offloaded, epoch_batch
@@ -143,7 +144,7 @@ class RmuMethod(Method):
     Config = RmuConfig
 
     @classmethod
-    def training_work(cls, config: RmuConfig, loaded: LoadedModel) -> TrainingWork:
+    def training_work(cls, config: RmuConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
         """Forward and backward up to the steered layer; the frozen model's retain states there, every step."""
         depth = (steered_layer(config, loaded.n_layers) + 1) / loaded.n_layers
         return TrainingWork(

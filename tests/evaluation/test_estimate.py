@@ -211,3 +211,17 @@ def test_npo_training_is_costed_as_next_token_training(loaded, pack_dir: Path) -
     assert npo_work(steps=60, fluency_every=0).forward_tokens == no_check.forward_tokens
     assert npo_work(steps=60, fluency_every=0).lm_train_tokens == pytest.approx(10 * no_check.lm_train_tokens)
     assert 0 < npo_work(steps=6, fluency_every=0, retain_weight=0.0).lm_train_tokens < no_check.lm_train_tokens
+
+
+def test_crisp_epochs_set_the_estimated_steps(loaded, pack_dir: Path) -> None:
+    """`epochs` sets CRISP's steps from the pack (crisp.training_steps, as run() counts them)."""
+    pack = load_pack(pack_dir)
+    steps = math.ceil(2 * len(pack.forget_split("train")) / 4)
+
+    def crisp_work(**options) -> Work:
+        cfg = CompareConfig(methods=["crisp"], max_length=64, method_options={"crisp": options}, eval=_cfg().eval)
+        return dict(stage_plan(loaded, _saes(), pack, cfg))["unlearn_crisp"]
+
+    by_epochs = crisp_work(epochs=2.0, batch_size=4, fluency_every=0)
+    assert by_epochs == crisp_work(steps=steps, batch_size=4, fluency_every=0)
+    assert by_epochs != crisp_work(batch_size=4, fluency_every=0)  # the default 100 steps
