@@ -150,9 +150,9 @@ def build_saes(shape: dict[str, int], dtype: torch.dtype, device: torch.device) 
 def measure(divisor: int, device_name: str, dtype_name: str) -> dict[str, Any]:
     from sae_unlearn.concepts.pack import load_pack
     from sae_unlearn.features.statistics import compute_stats
+    from sae_unlearn.methods.adapter_training import AdapterTrainer
     from sae_unlearn.methods.base import MethodContext
-    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss
-    from sae_unlearn.methods.persistent import AdapterTrainer, default_lora_layers
+    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss, default_lora_layers
     from sae_unlearn.models.loading import ComputeDtype, LoadedModel, resolve_device, resolve_dtype
 
     os.environ["SAE_UNLEARN_CACHE"] = tempfile.mkdtemp(prefix="bench-memory-")  # the statistics' cache file

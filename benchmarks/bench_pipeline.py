@@ -319,9 +319,10 @@ def main() -> None:
     # CRISP training step vs a plain LoRA language-modelling step on the same token batches
     # (last: get_peft_model wraps the model in place)
     from sae_unlearn.concepts.pack import load_pack
+    from sae_unlearn.methods.adapter_training import AdapterTrainer, epoch_batch
     from sae_unlearn.methods.base import MethodContext
-    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss
-    from sae_unlearn.methods.persistent import AdapterTrainer, default_lora_layers, tokenize
+    from sae_unlearn.methods.crisp import CrispConfig, CrispLoss, default_lora_layers
+    from sae_unlearn.models.batch import tokenize
 
     crisp_cfg = CrispConfig()
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,7 +331,9 @@ def main() -> None:
             ctx, default_lora_layers(layers), crisp_cfg.target_modules, 4, 8, 0.05, 1e-4, 0, amsgrad=True
         )
         loss_fn = CrispLoss(ctx, crisp_cfg, {s.layer: s for s in saes}, {s.layer: torch.arange(10) for s in saes})
-        texts = [loss_fn._batch(loss_fn.forget, 0, 1), loss_fn._batch(loss_fn.retain, 0, 2), loss_fn.coherence[:1]]
+        size, seed = crisp_cfg.batch_size, crisp_cfg.seed  # CRISP's first forget and retain batches
+        texts = [epoch_batch(loss_fn.forget, size, seed, 0, 1), epoch_batch(loss_fn.retain, size, seed, 0, 2)]
+        texts.append(loss_fn.coherence[:1])
         batches = [tokenize(loaded.tokenizer, t, crisp_cfg.max_length, loaded.device) for t in texts]
 
         def train_step(lm: bool) -> None:

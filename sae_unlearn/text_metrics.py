@@ -101,7 +101,7 @@ def fluency_metrics(base_model: Any, tokenizer: Any, prompts: Sequence[str], tex
     nlls = base_nll(base_model, tokenizer, prompts, texts)
     finite = [x for x in nlls if math.isfinite(x)]
     return {
-        "base_ppl": math.exp(sum(finite) / len(finite)) if finite else float("nan"),
+        "base_model_ppl": math.exp(sum(finite) / len(finite)) if finite else float("nan"),
         "repeated_3gram_share": sum(repeated_ngram_share(t.split()) for t in texts) / max(1, len(texts)),
         "distinct_2": distinct_n(texts, 2),
         "foreign_script_share": sum(foreign_script_share(p, t) for p, t in zip(prompts, texts, strict=True))

@@ -87,8 +87,8 @@ def sample_from_model(
 ) -> list[str]:
     """Continue seed sentences with the embedded model (top-k 40, temperature 0.9).
 
-    Sampling is restricted to the tokens that occur in the real text: the 262k-token lm_head then
-    costs ~10x less, which makes CPU sampling fast enough, and the output stays plain English.
+    Sampling is restricted to the tokens that occur in the real text: the lm_head then computes only
+    those rows of its 262k, which makes CPU sampling fast enough, and the output stays plain English.
     """
     import torch
 

@@ -58,13 +58,13 @@ def save_cache(path: Path, cache: dict[Any, Any]) -> None:
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     rings = result["probes"]["rings"]
-    flu = result["fluency"]["forget_prompts"]
+    flu = result["fluency"]["concept_prompts"]
     ret = result["retention"]
     return {
         "acc": {ring: rings[ring]["logprob"]["acc"] for ring in RINGS},
         "retain_ppl": ret["retain_heldout_ppl"],
         "generic_ppl": ret["generic_ppl"],
-        "fluency_ppl": flu["base_ppl"],
+        "fluency_ppl": flu["base_model_ppl"],
         "repetition": flu["repeated_3gram_share"],
     }
 
@@ -78,7 +78,7 @@ def attack_summary(record: dict[str, Any]) -> dict[str, Any]:
             "curve": [(p["step"], p["target_acc"], p.get("recovery"), p.get("generic_ppl_ratio")) for p in a["curve"]],
             "control": [(p["step"], p["target_acc"]) for p in (a.get("control") or {}).get("curve", [])],
         }
-    out["worst_case"] = record.get("worst_case")
+    out["strongest_attack"] = record.get("strongest_attack")
     return out
 
 

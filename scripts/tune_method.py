@@ -32,11 +32,11 @@ def row(name: str, r: dict[str, Any], seconds: float) -> str:
     rings = r["probes"]["rings"]
     acc = " ".join(f"{rings[ring]['logprob']['acc']:.3f}" for ring in RINGS)
     ret = r["retention"]
-    flu = r["fluency"]["forget_prompts"]
+    flu = r["fluency"]["concept_prompts"]
     react = (r.get("reactivation") or {}).get("fraction", float("nan"))
     return (
         f"{name:60s} {acc}  {ret['retain_heldout_ppl']:7.2f} {ret['generic_ppl']:7.2f} "
-        f"{ret['forget_heldout_ppl']:8.1f} {flu['base_ppl']:6.2f} {flu['repeated_3gram_share']:6.2f} "
+        f"{ret['forget_heldout_ppl']:8.1f} {flu['base_model_ppl']:6.2f} {flu['repeated_3gram_share']:6.2f} "
         f"{react:6.2f} {seconds:5.0f}s"
     )
 

@@ -127,12 +127,12 @@ def attack(
     atomic_write_json(target, result)
     columns = ["method", "attack", "steps", "target acc", "base control", "recovery", "ppl ratio", "leaked"]
     stdout.print(table("relearning attacks (scored half)", columns, relearning_rows(str(config["method"]), record)))
-    worst = record.get("worst_case")
+    strongest = record.get("strongest_attack")
     gap = record.get("gap") or {}
-    if worst:
+    if strongest:
         stdout.print(
-            f"worst case within {ppl_ratio_max}x generic perplexity: recovery {worst['recovery']:.2f} "
-            f"({worst['attack']}, step {worst['step']})"
+            f"strongest attack within {ppl_ratio_max}x generic perplexity: recovery {strongest['recovery']:.2f} "
+            f"({strongest['attack']}, step {strongest['step']})"
         )
     elif record.get("attacks"):
         value, noise = gap.get("value"), gap.get("noise")

@@ -56,14 +56,14 @@ def print_summary(results: dict[str, Any]) -> None:
     rows = []
     for name, r in results.items():
         rings = r["probes"]["rings"]
-        flu = (r.get("fluency") or {}).get("forget_prompts") or {}
+        flu = (r.get("fluency") or {}).get("concept_prompts") or {}
         relearn = r.get("relearning") or {}
         rows.append(
             [name]
             + [rings[ring]["logprob"]["acc"] if ring in rings else "—" for ring in ("target", "near", "mid", "far")]
             + [
                 r["retention"]["retain_heldout_ppl"] or "—",
-                flu.get("base_ppl", "—"),
+                flu.get("base_model_ppl", "—"),
                 (r.get("reactivation") or {}).get("fraction", "—"),
                 _any_template(r.get("adversarial") or {}),
                 relearn["curve"][-1]["target_acc"] if relearn.get("curve") else "—",

@@ -187,6 +187,13 @@ def train_sae(
             "the device runs it in hardware and --dtype is bfloat16), bfloat16 or float32"
         ),
     ] = "auto",
+    sparse_kernel: Annotated[
+        bool,
+        typer.Option(
+            "--sparse-kernel/--reference-step",
+            help="the sparse TopK kernel, or SAELens' dense training step it reproduces (same losses and gradients)",
+        ),
+    ] = True,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace SAEs already in --out")] = False,
@@ -221,6 +228,7 @@ def train_sae(
         outlier_factor=outlier_factor,
         checkpoint_every=checkpoint_every,
         encoder_matmul_dtype=encoder_matmul_dtype,
+        sparse_kernel=sparse_kernel,
         seed=seed,
     )
     with Reporter("train-sae", ["load model", "train SAEs"]) as reporter:

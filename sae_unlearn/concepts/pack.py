@@ -146,9 +146,9 @@ class ConceptPack:
             why = f"only {len(dedup(self.forget))} distinct forget paragraphs: held-out = training text (need 64)"
             problems["retention.forget_heldout_ppl"] = problems["reactivation"] = why
             if not self.prompts:
-                problems["fluency.forget_prompts"] = why + "; the prompts open training paragraphs"
+                problems["fluency.concept_prompts"] = why + "; the prompts open training paragraphs"
         if set(self.prompt_split("tune")) & set(self.prompt_split("report")):
-            problems["fluency.forget_prompts"] = "too few prompts to split: tune and report prompts are the same set"
+            problems["fluency.concept_prompts"] = "too few prompts to split: tune and report prompts are the same set"
         heldout = self.retain_split("heldout")
         if not heldout:
             problems["retention.retain_heldout_ppl"] = "no held-out retain paragraphs (add retain text)"

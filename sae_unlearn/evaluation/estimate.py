@@ -5,8 +5,8 @@ The work model counts, per stage, what the code paths in features/, methods/ and
     forward tokens      the decoder body without the lm_head (no gradient)
     lm_head rows        positions whose logits are computed (Gemma 3's 262k-row lm_head dominates them)
     SAE tokens          tokens passed through every loaded SAE's encoder (statistics, hooks, re-activation)
-    train tokens        LoRA forward + backward through the body with a hidden-state loss (CRISP, RMU)
-    LM train tokens     LoRA forward + backward with the next-token loss
+    train tokens        forward + backward through the body with a hidden-state loss (CRISP, RMU)
+    LM train tokens     LoRA forward + backward with a next-token loss (NPO)
     attack tokens       the relearning attacks' training and forward tokens, on their float32 copies
     generated tokens    greedy decoding steps times the batch (fluency samples and checks)
 Token counts come from tokenizing the pack's texts with the run's truncation lengths, so they follow
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 PROBE_BATCH, PROBE_LENGTH = 2, 128  # the stages' sequence length; a small batch keeps the probe to seconds
 PPL_MAX_LENGTH = 256  # text_metrics.perplexity and feature_levels read this many tokens per text
 LETTER_PERMUTATIONS = 4  # evaluation.scoring.letter_choices: cyclic rotations of the options
-FLUENCY_CHECK_TOKENS = 32  # methods.persistent.FluencyCheck
+FLUENCY_CHECK_TOKENS = 32  # methods.fluency_check.FluencyCheck
 
 
 @dataclass
@@ -256,30 +256,31 @@ def _statistics_work(texts: Sequence[str], n: _Lengths, max_length: int, trunk: 
 def _method_work(
     method: str, options: dict[str, Any], loaded: LoadedModel, pack: ConceptPack, n: _Lengths, trunk: float
 ) -> Work:
-    config = method_config(method, options)
-    if not METHODS[method].persistent:
-        return Work()  # clamp / ablate only write intervention.json
+    training = METHODS[method].training_work(method_config(method, options), loaded, pack)
+    if training is None:
+        return Work()  # an intervention only writes its artifact
     forget, retain = pack.forget_split("train"), pack.retain_split("train")
-    steps, batch, max_length = int(config.steps), int(config.batch_size), int(config.max_length)
+    steps, batch, max_length = int(training.steps), int(training.batch_size), int(training.max_length)
     forget_batch = batch * n.mean(forget, max_length)
-    retain_batch = batch * n.mean(retain, max_length)
-    if method == "rmu":  # forward and backward to the steered layer; the frozen model's retain states
-        layer = config.layer if config.layer is not None else max(1, round(7 / 32 * loaded.n_layers))
-        depth = (layer + 1) / loaded.n_layers
-        return Work(
-            train_tokens=steps * (forget_batch + retain_batch) * depth, forward_tokens=steps * retain_batch * depth
-        )
-    coherence = n.mean(pack.coherence, max_length)
-    step = Work(train_tokens=forget_batch + retain_batch + coherence, sae_tokens=forget_batch)
-    kl_positions = int(getattr(config, "retain_kl_positions", 0)) if getattr(config, "retain_kl_weight", 0) else 0
-    step = step + Work(lm_head_rows=2 * kl_positions, train_tokens=0.0)
-    # the frozen model's states: computed in the first epoch, reused after (FrozenReference)
-    first_epoch = min(steps, max(1, len(forget) // batch))
-    frozen = Work(forward_tokens=(forget_batch + retain_batch) * trunk + coherence) * first_epoch
+    retain_batch = batch * n.mean(retain, max_length) if training.retain else 0.0
+    coherence = n.mean(pack.coherence, max_length) if training.coherence else 0.0
+    trained = (forget_batch + retain_batch) * training.depth + coherence
+    step = Work(
+        train_tokens=0.0 if training.next_token_loss else trained,
+        lm_train_tokens=trained if training.next_token_loss else 0.0,
+        sae_tokens=forget_batch if training.sae_forget else 0.0,
+        lm_head_rows=2 * training.kl_positions,
+    )
+    first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
+    if training.frozen_states == "retain_each_step":
+        frozen = Work(forward_tokens=steps * retain_batch * training.depth)
+    elif training.frozen_states == "forget_logprobs_first_epoch":
+        frozen = Work(forward_tokens=forget_batch, lm_head_rows=forget_batch) * first_epoch
+    else:  # FrozenReference
+        frozen = Work(forward_tokens=(forget_batch + retain_batch) * trunk + coherence) * first_epoch
     work = step * steps + frozen
-    every = int(getattr(config, "fluency_every", 0) or 0)
-    if every and getattr(config, "objective", "") == "ablation":
-        checks = steps // every + 1  # one for the base model's own continuations
+    if training.fluency_every:
+        checks = steps // training.fluency_every + 1  # one for the base model's own continuations
         prompts = pack.prompt_split("tune")
         check = _generation_work(prompts, FLUENCY_CHECK_TOKENS) + _fluency_work(prompts, FLUENCY_CHECK_TOKENS, n)
         work = work + check * checks
@@ -300,7 +301,7 @@ def _evaluation_work(
     probes = select_probes(pack, None, ev)
     targets = [p for p in probes if p.ring == "target"]
     robust = ev.robustness_for is None or name in ev.robustness_for
-    hooked = Work()  # forward work that runs with the run's SAE hooks installed (clamp / ablate)
+    hooked = Work()  # forward work that runs with the run's SAE hooks installed, for a method installed as hooks
     hooked += _logprob_work(probes, n)
     if ev.letter:
         hooked += _letter_work(probes, n)
@@ -313,11 +314,11 @@ def _evaluation_work(
     work = hooked
     for ps in prompts:  # scored by the base model, hooks removed
         work += _fluency_work(ps, ev.fluency_tokens, n)
-    uses_saes = METHODS[method].needs_saes if method != "base" else False
-    if uses_saes:
+    cls = METHODS.get(method)  # None: the base model
+    if cls is not None and cls.needs_saes:
         levels = _statistics_work(pack.forget_split("heldout"), n, PPL_MAX_LENGTH, trunk)
         work += levels * (2 if with_base_levels else 1)
-    if method in ("clamp", "ablate"):  # every hooked token passes the SAEs at the edited layers
+    if cls is not None and cls.hooks_saes:  # every hooked token passes the SAEs at the edited layers
         work += Work(sae_tokens=hooked.forward_tokens + hooked.generated_tokens)
     if robust and targets:
         if ev.adversarial:

@@ -11,7 +11,7 @@ results.json schema (version 1), one object per evaluated model:
                                                        letter_all_rotations (scoring.py)
      "retention": {"retain_heldout_ppl", "generic_ppl", "forget_heldout_ppl"},
      "per_text": {"retain_heldout": [[summed NLL, tokens], ...]},
-     "fluency": {"coherence": F, "forget_prompts": F}   F = {"base_ppl", "repeated_3gram_share", "distinct_2",
+     "fluency": {"coherence": F, "concept_prompts": F}   F = {"base_model_ppl", "repeated_3gram_share", "distinct_2",
                                                              "foreign_script_share", "samples": [{"prompt", "text",
                                                              "base_nll", "repeated_3gram_share"}]},
      "reactivation": {"fraction", "per_layer": {L: fraction}} | null,
@@ -173,7 +173,7 @@ def evaluate(
     prompt_part = cfg.probe_split if probes is None else "report"  # the same half as the probes
     prompts = {
         "coherence": pack.coherence[:8] if pack else [],
-        "forget_prompts": pack.prompt_split(prompt_part) if pack else [],
+        "concept_prompts": pack.prompt_split(prompt_part) if pack else [],
     }
     generations: dict[str, list[str]] = {}
     with model_under_test(loaded, run_dir) as model:

@@ -45,7 +45,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.compare import CompareConfig, compare
 from sae_unlearn.evaluation.evaluate import EvalConfig
 from sae_unlearn.features import make_strategy
-from sae_unlearn.methods import METHODS, method_config
+from sae_unlearn.methods import METHODS, current_option_names, method_config
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.options import coerce_options, field_names
 
@@ -87,8 +87,9 @@ class Experiment:
         for method, options in _table(data, "method_options").items():
             if not isinstance(options, Mapping):
                 raise UserError(f"method_options.{method} must be a table of options", f"got {options!r}")
-            checked = method_config(method, dict(options))  # unknown method/option, wrong type: one line
-            method_options[method] = {key: getattr(checked, key) for key in options}
+            current = current_option_names(method, dict(options))
+            checked = method_config(method, current)  # unknown method/option, wrong type: one line
+            method_options[method] = {key: getattr(checked, key) for key in current}
         compare_cfg = CompareConfig(**top, eval=eval_cfg, method_options=method_options)
         strategy_options = _table(data, "strategy_options")
         if "k" in strategy_options:

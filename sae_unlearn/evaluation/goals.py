@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from sae_unlearn.evaluation.result_keys import current_results_keys
 from sae_unlearn.evaluation.scoring import SCORE_KINDS, paired_bootstrap, paired_difference
 
 GOALS: dict[str, float] = {
@@ -115,9 +116,9 @@ def _paired_texts(method: dict[str, Any], base: dict[str, Any], key: str) -> Mea
 def _paired_samples(
     method: dict[str, Any], base: dict[str, Any], field: str, stat: Callable[[np.ndarray, np.ndarray], float]
 ) -> Measure:
-    """`stat` of a per-generation quantity over the forget prompts both models continued."""
-    ms = {s["prompt"]: s.get(field) for s in nested(method, "fluency", "forget_prompts", "samples") or []}
-    bs = {s["prompt"]: s.get(field) for s in nested(base, "fluency", "forget_prompts", "samples") or []}
+    """`stat` of a per-generation quantity over the concept prompts both models continued."""
+    ms = {s["prompt"]: s.get(field) for s in nested(method, "fluency", "concept_prompts", "samples") or []}
+    bs = {s["prompt"]: s.get(field) for s in nested(base, "fluency", "concept_prompts", "samples") or []}
     pairs = [(_finite(ms[p]), _finite(bs[p])) for p in ms if p in bs]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if not pairs:
@@ -126,12 +127,12 @@ def _paired_samples(
 
 
 def _relearn_recovery(method: dict[str, Any], base: dict[str, Any]) -> Measure:
-    """The fact-disjoint attacks' worst-case recovery fraction (relearning.py); for records without it,
+    """The strongest fact-disjoint attack's recovery fraction (relearning.py); for records without it,
     (acc after the attack - acc before) / (base acc - acc before) from the curve. A point estimate (the
     curves carry no per-probe data), so its CI is the point itself; see `note`."""
-    worst = _finite(nested(method, "relearning", "worst_case", "recovery"))
-    if worst is not None:
-        return worst, (worst, worst)
+    strongest = _finite(nested(method, "relearning", "strongest_attack", "recovery"))
+    if strongest is not None:
+        return strongest, (strongest, strongest)
     if isinstance(nested(method, "relearning", "attacks"), dict):
         return None  # attacks ran but no recovery is defined (gap within noise, or every attack broke the model)
     curve = sorted(
@@ -163,8 +164,8 @@ GOAL_FIELDS = {
     "far_drop_max_points": "probes",
     "near_drop_max_points": "probes",
     "retain_ppl_rise_max": "retention.retain_heldout_ppl",
-    "forget_prompt_fluency_ratio_max": "fluency.forget_prompts",
-    "forget_prompt_repetition_rise_max": "fluency.forget_prompts",
+    "forget_prompt_fluency_ratio_max": "fluency.concept_prompts",
+    "forget_prompt_repetition_rise_max": "fluency.concept_prompts",
     "relearn_recovery_max": "relearning",
 }
 
@@ -201,8 +202,9 @@ def judge(key: str, limit: Any, method: dict[str, Any], base: dict[str, Any] | N
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{method name: {goal: judge(...)}} for every non-base method of a compare results dict."""
-    methods = results.get("methods") or {}
+    """{method name: {goal: judge(...)}} for every non-base method of a compare results dict (results.json
+    files with older key names too)."""
+    methods = current_results_keys(results).get("methods") or {}
     base = methods.get("base")
     goals = results.get("goals") or {}
     return {

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from sae_unlearn.evaluation.goals import nested, verdicts
+from sae_unlearn.evaluation.result_keys import current_results_keys
 from sae_unlearn.evaluation.scoring import SCORE_KINDS
 
 RINGS = ("target", "near", "mid", "far")
@@ -28,7 +29,7 @@ COLORS = {
 EXTRA_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
 CHANCE = 0.25
 DASH = "—"
-FLUENCY = ("base_ppl", "repeated_3gram_share", "distinct_2", "foreign_script_share")
+FLUENCY = ("base_model_ppl", "repeated_3gram_share", "distinct_2", "foreign_script_share")
 W, H, PL, PR, PT, PB = 560, 260, 54, 16, 16, 40
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{margin:.2em 0}.meta td{padding:1px 12px 1px 0}table.data{border-collapse:collapse;background:#fff;margin:.5em 0}
@@ -127,7 +128,7 @@ def _metric_rows(ms: dict[str, Any]) -> list[tuple[str, list[str]]]:
     ]
     rows += [
         (f"fluency {p} · {k}", [fmt(nested(r, "fluency", p, k)) for r in rs])
-        for p in ("coherence", "forget_prompts")
+        for p in ("coherence", "concept_prompts")
         for k in FLUENCY
     ]
     rows.append(("reactivation fraction", [fmt(nested(r, "reactivation", "fraction")) for r in rs]))
@@ -233,9 +234,9 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
     rings = [g for g in RINGS if any(_lp(r, g) is not None for r in ms.values())] or list(RINGS)
     bars = _bars(rings, {n: [_lp(r, g) for g in rings] for n, r in ms.items()}, colors, 1.0)
     out = [_svg("plot-rings", "Logprob accuracy per ring", bars, 0, 1, "accuracy", "ring", chance=True)]
-    base_ppl = _num(nested(ms.get("base"), "retention", "retain_heldout_ppl"))
+    base_retain_ppl = _num(nested(ms.get("base"), "retention", "retain_heldout_ppl"))
     pts = [(n, _lp(r, "target"), _num(nested(r, "retention", "retain_heldout_ppl"))) for n, r in ms.items()]
-    pts = [(n, x, y / base_ppl if base_ppl else y) for n, x, y in pts if x is not None and y is not None]
+    pts = [(n, x, y / base_retain_ppl if base_retain_ppl else y) for n, x, y in pts if x is not None and y is not None]
     ys = [y for *_, y in pts] or [1.0]
     lo, hi = min(ys) - 0.05 * (max(ys) - min(ys) or 1), max(ys) + 0.05 * (max(ys) - min(ys) or 1)
     dots = [
@@ -247,7 +248,7 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
         f'<text x="{_xs(t, 0, 1):.1f}" y="{H - PB + 14}" text-anchor="middle">{fmt(t)}</text>'
         for t in (0, 0.25, 0.5, 0.75, 1)
     ]
-    ylab = "retain ppl / base" if base_ppl else "retain_heldout_ppl"
+    ylab = "retain ppl / base" if base_retain_ppl else "retain_heldout_ppl"
     out.append(_svg("plot-tradeoff", "Forget vs retain trade-off", dots, lo, hi, ylab, "target accuracy"))
     curves = {n: c for n, r in ms.items() if (c := _curve(r))}
     steps = [s for c in curves.values() for s, _ in c] or [0.0, 1.0]
@@ -277,7 +278,7 @@ def _plots(ms: dict[str, Any], colors: dict[str, str]) -> str:
 
 def _generations(ms: dict[str, Any]) -> str:
     out = []
-    for part in ("forget_prompts", "coherence"):
+    for part in ("concept_prompts", "coherence"):
         texts = {
             n: {
                 str(s.get("prompt")): str(s.get("text"))
@@ -300,7 +301,8 @@ def _generations(ms: dict[str, Any]) -> str:
 
 
 def render_compare_report(results: dict[str, Any]) -> str:
-    """The whole compare page as one HTML string."""
+    """The whole compare page as one HTML string (results.json files with older key names too)."""
+    results = current_results_keys(results)
     raw = results.get("methods") or {}
     names = [n for n in METHOD_ORDER if n in raw] + [n for n in raw if n not in METHOD_ORDER]
     ms = {str(n): raw[n] for n in names}
@@ -364,6 +366,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     """The headline table of a compare run as Markdown (methods as columns): per-ring log-prob accuracy
     with the paired difference against the base model and its 95% CI, perplexities, concept-prompt
     fluency, the adversarial union above its chance level, and every relearning attack with its control."""
+    results = current_results_keys(results)
     raw = results.get("methods") or {}
     names = [n for n in METHOD_ORDER if n in raw] + [n for n in raw if n not in METHOD_ORDER]
     rs = [raw[n] for n in names]
@@ -381,11 +384,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         ("generic perplexity", [fmt(nested(r, "retention", "generic_ppl")) for r in rs]),
         (
             "concept-prompt generations, base-model ppl",
-            [fmt(nested(r, "fluency", "forget_prompts", "base_ppl")) for r in rs],
+            [fmt(nested(r, "fluency", "concept_prompts", "base_model_ppl")) for r in rs],
         ),
         (
             "concept-prompt repeated 3-grams",
-            [fmt(nested(r, "fluency", "forget_prompts", "repeated_3gram_share")) for r in rs],
+            [fmt(nested(r, "fluency", "concept_prompts", "repeated_3gram_share")) for r in rs],
         ),
         ("adversarial any-template accuracy above chance", [fmt(_adv_excess(r)) for r in rs]),
     ]

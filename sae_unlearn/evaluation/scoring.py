@@ -87,7 +87,7 @@ def option_scores(model: Any, tokenizer: Any, probes: Sequence[Probe], batch_siz
 
     Each question is encoded once and its KV cache shared by its options (questions left-padded, with
     explicit positions so padding shifts nothing): the numbers of scoring every question+option
-    sequence on its own, at about a third of the cost.
+    sequence on its own, with each question's tokens run once instead of once per option.
     """
     device = main_device(model)  # a sharded model: its first device
     body = decoder_body(model)

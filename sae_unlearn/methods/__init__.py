@@ -21,14 +21,23 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.features import FeatureSelection
 from sae_unlearn.io import atomic_dir, atomic_write_json
 from sae_unlearn.methods import clamp, crisp, npo, rmu  # noqa: F401  (registration)
-from sae_unlearn.methods.base import METHODS, Method, MethodContext, method_config
+from sae_unlearn.methods.base import METHODS, Method, MethodContext, current_option_names, method_config
 from sae_unlearn.methods.preset import load_preset, model_family
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.runs import RUN_VERSION, check_same_model, read_config, versions
 from sae_unlearn.saes.loading import LoadedSAE
 
 log = logging.getLogger(__name__)
-__all__ = ["METHODS", "apply", "apply_merged", "export_merged", "method_config", "method_of", "unlearn"]
+__all__ = [
+    "METHODS",
+    "apply",
+    "apply_merged",
+    "current_option_names",
+    "export_merged",
+    "method_config",
+    "method_of",
+    "unlearn",
+]
 
 
 def unlearn(

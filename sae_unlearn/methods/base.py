@@ -6,11 +6,12 @@ caller that owns the model) and `export` (writes a full model with the run's wei
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.errors import UserError
@@ -18,6 +19,8 @@ from sae_unlearn.features import FeatureSelection
 from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.options import coerce_options
 from sae_unlearn.saes.loading import LoadedSAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,10 +35,44 @@ class MethodContext:
     resume: bool = False
 
 
+@dataclass(frozen=True)
+class TrainingWork:
+    """What a method's `run` trains, for the time estimate (evaluation/estimate.py turns paragraphs into
+    tokens with the run's tokenizer and pack): each optimizer step reads one forget batch (and one retain
+    batch, with `retain`) of `batch_size` training paragraphs, each cut to `max_length` tokens."""
+
+    steps: int
+    batch_size: int
+    max_length: int
+    depth: float = 1.0
+    """Share of the decoder body that each step's forward and backward pass runs through."""
+    retain: bool = True
+    """Each step also trains on a retain batch."""
+    next_token_loss: bool = False
+    """The loss reads next-token log-probabilities: forward and backward include the lm_head (the
+    estimate's LM train tokens); otherwise it reads hidden states (train tokens)."""
+    coherence: bool = False
+    """Each step also trains on one paragraph of the pack's coherence text."""
+    sae_forget: bool = False
+    """Each step passes the forget batch through the SAEs."""
+    kl_positions: int = 0
+    """Retain positions per step whose next-token logits both the adapted and the frozen model compute."""
+    frozen_states: Literal["first_epoch", "retain_each_step", "forget_logprobs_first_epoch"] = "first_epoch"
+    """When the frozen model's states are computed: "first_epoch", the forget and retain batches up to the
+    deepest SAE layer and the coherence paragraph, during the first epoch and reused after it
+    (frozen_reference.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step;
+    "forget_logprobs_first_epoch", the forget batch's log-probabilities (the whole model, lm_head
+    included), during the first epoch and reused after it."""
+    fluency_every: int = 0
+    """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
+
+
 class Method:
     name: ClassVar[str] = ""
     needs_saes: ClassVar[bool] = True
     persistent: ClassVar[bool] = False  # changes weights (adapter, swapped parameters): `export` can merge them
+    hooks_saes: ClassVar[bool] = False  # installed as SAE hooks: every token the installed model reads passes them
+    renamed_options: ClassVar[dict[str, str]] = {}  # {old option name: current name}, still accepted
     Config: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -44,6 +81,12 @@ class Method:
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         """Write the artifact into ctx.out and return a summary for config.json."""
         raise NotImplementedError
+
+    @classmethod
+    def training_work(cls, config: Any, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork | None:
+        """What `run` trains under `config` on `loaded` and `pack`, for the time estimate; None: it trains
+        nothing."""
+        return None
 
     @classmethod
     def install(cls, loaded: LoadedModel, run_dir: Path) -> AbstractContextManager[Any]:
@@ -83,12 +126,29 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def current_option_names(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a method's renamed options under their current names (a deprecation warning each)."""
+    renamed = METHODS[name].renamed_options if name in METHODS else {}
+    out = dict(options)
+    for old, new in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise UserError(
+                f"method {name} got both {old} and {new}", f"{old} is the old name of {new}: give only {new}"
+            )
+        log.warning("method %s: option %s is deprecated, use %s (same meaning)", name, old, new)
+        out[new] = out.pop(old)
+    return out
+
+
 def method_config(name: str, options: dict[str, Any]) -> Any:
     """Build a method's config from options, refusing options that do not apply to the method and values
     of the wrong type (checked against the config's field types, before anything loads)."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", f"use one of {', '.join(sorted(METHODS))}")
     config_cls = METHODS[name].Config
+    options = current_option_names(name, options)
     valid = {f.name for f in fields(config_cls)}
     for key in options:
         if key not in valid:

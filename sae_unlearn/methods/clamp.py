@@ -46,6 +46,8 @@ def _selected(ctx: MethodContext) -> dict[int, list[int]]:
 class InterventionMethod(Method):
     """A method whose artifact is intervention.json: SAE edits as forward hooks, removed on exit."""
 
+    hooks_saes = True
+
     @classmethod
     @contextlib.contextmanager
     def install(cls, loaded: LoadedModel, run_dir: Path) -> Iterator[Any]:

@@ -2,7 +2,7 @@
 forget text while hidden states on retain text stay as they were.
 
 Two objectives:
-- `published`: unlearn = the reference's `loss_features_acts`: the margin |alpha * mean(pre_acts)|
+- `published`: unlearn = the reference's `loss_features_acts`: the margin |margin_alpha * mean(pre_acts)|
   is added to the selected features' pre-activations where the frozen model had them active, the
   SAE's own activation applied (JumpReLU threshold included), and the positive selected
   activations on valid tokens averaged, per layer, then over layers; retain = MSE of hidden
@@ -22,25 +22,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import robust
 from sae_unlearn.methods.adapter import AdapterMethod
-from sae_unlearn.methods.base import MethodContext, register
-from sae_unlearn.methods.persistent import (
-    AdapterTrainer,
-    FrozenReference,
-    default_lora_layers,
-    epoch_batch,
-    relative_mse,
-)
+from sae_unlearn.methods.adapter_training import AdapterTrainer, epoch_batch
+from sae_unlearn.methods.base import MethodContext, TrainingWork, register
+from sae_unlearn.methods.frozen_reference import FrozenReference
 from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
+from sae_unlearn.models.loading import LoadedModel
 from sae_unlearn.saes.edit import (
     activate_columns,
     apply_feature_edit,
@@ -81,7 +79,7 @@ class CrispConfig:
     batch_size: int = 4
     max_length: int = 128
     lr: float = 1e-3  # published: 1e-5 (Gemma-2-2B, 625 steps); third parties 1e-4..5e-4
-    alpha: float = 5.0  # published margin (Gemma); 30 for Llama
+    margin_alpha: float = 5.0  # the published loss's margin factor, `alpha` in the paper (Gemma); 30 for Llama
     beta: float = 0.99
     gamma: float = 0.01
     # ablation objective; scale, retain and KL weights chosen on the tune probe split of harry-potter
@@ -132,17 +130,42 @@ class CrispConfig:
             self.lora_alpha = 2 * self.lora_r
 
 
+def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers).
+
+    `b` is the reference (a frozen state or target: no gradient reaches it). Data-parallel, this rank's
+    share of the global value: its summed error over the global mean of the reference's squared norm and
+    the global token count (`sae_unlearn.distributed`); the shares sum to it."""
+    a, b = a.float()[valid], b.float()[valid]
+    ranks = world()
+    n = ranks.global_count(valid.sum(), a.device)
+    reference = ranks.sum((b**2).sum()) / n
+    return ((a - b) ** 2).sum() / n / reference.clamp_min(1e-6)
+
+
+def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
+    """From one block below the first SAE layer up to the deepest SAE layer (LoRA must reach it)."""
+    return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
+
+
+def training_steps(cfg: CrispConfig, pack: ConceptPack) -> int:
+    """`cfg.steps`, or with `cfg.epochs` that many passes over the forget training paragraphs."""
+    if cfg.epochs is None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * len(pack.forget_split("train")) / cfg.batch_size))
+
+
 def published_unlearn_loss(
     sae: Any,
     adapted: torch.Tensor,
     frozen_active: torch.Tensor,
     features: torch.Tensor,
     valid: torch.Tensor,
-    alpha: float,
+    margin_alpha: float,
 ) -> torch.Tensor:
     """The CRISP reference's `loss_features_acts` for one layer.
 
-    The selected features' pre-activations get the margin |alpha * mean over all latents of the
+    The selected features' pre-activations get the margin |margin_alpha * mean over all latents of the
     pre-activations| on the tokens where the frozen model had them active (`frozen_active`
     [..., n_features]); the SAE's own activation (JumpReLU threshold, TopK selection, gate) turns
     them into activations; the loss is the mean of the positive ones on valid tokens (0 when none).
@@ -157,11 +180,11 @@ def published_unlearn_loss(
             mean_pre = sae_in @ (sae.W_enc * sae.r_mag.exp()).mean(1) + sae.b_mag.mean()
         else:
             mean_pre = sae_in @ sae.W_enc.mean(1) + sae.b_enc.mean()
-        pre = torch.where(frozen_active, pre + (alpha * mean_pre).abs().unsqueeze(-1), pre)
+        pre = torch.where(frozen_active, pre + (margin_alpha * mean_pre).abs().unsqueeze(-1), pre)
         acts = activate_columns(sae, sae_in, pre, features)
     else:  # TopK and others: the activation reads every pre-activation
         pre = pre_activations(sae, x)
-        margin = (alpha * pre.mean(-1, keepdim=True)).abs()
+        margin = (margin_alpha * pre.mean(-1, keepdim=True)).abs()
         selected = pre[..., features]
         pre = pre.index_copy(-1, features, torch.where(frozen_active, selected + margin, selected))
         acts = sae.activation_fn(pre)[..., features]
@@ -193,6 +216,23 @@ def retain_kl(
 class CrispMethod(AdapterMethod):
     name = "crisp"
     Config = CrispConfig
+    renamed_options: ClassVar[dict[str, str]] = {
+        "alpha": "margin_alpha"
+    }  # RmuConfig.alpha is a retain weight: the name was ambiguous
+
+    @classmethod
+    def training_work(cls, config: CrispConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
+        """Forward and backward through the body on forget, retain and coherence text; the forget batch
+        through the SAEs; the KL term's logits on both models; the frozen states cached after one epoch."""
+        return TrainingWork(
+            training_steps(config, pack),
+            config.batch_size,
+            config.max_length,
+            coherence=True,
+            sae_forget=True,
+            kl_positions=config.retain_kl_positions if config.retain_kl_weight else 0,
+            fluency_every=config.fluency_every if config.objective == "ablation" else 0,
+        )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: CrispConfig = self.config
@@ -204,9 +244,8 @@ class CrispMethod(AdapterMethod):
         if missing:
             raise UserError(f"features were selected on layers {missing} but no SAE for them is loaded")
         lora_layers = cfg.lora_layers if cfg.lora_layers is not None else default_lora_layers(list(by_layer))
-        steps = cfg.steps
+        steps = training_steps(cfg, ctx.pack)
         if cfg.epochs is not None:
-            steps = max(1, math.ceil(cfg.epochs * len(ctx.pack.forget_split("train")) / cfg.batch_size))
             log.info("%s epoch(s) of %d-paragraph batches: %d steps", cfg.epochs, cfg.batch_size, steps)
         if max(lora_layers) < max(by_layer):
             log.warning(
@@ -343,7 +382,7 @@ class CrispLoss:
                 with torch.no_grad():
                     active = encode_columns(sae, frozen_f.hidden[layer], feats) > 0
                 unlearn = unlearn + published_unlearn_loss(
-                    sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.alpha
+                    sae, adapted_f.hidden[layer], active, feats, forget.valid, cfg.margin_alpha
                 )
             else:
                 with torch.no_grad():

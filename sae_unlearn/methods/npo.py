@@ -8,7 +8,7 @@ reference the same model with the adapter disabled (no second copy in memory). I
 whose per-paragraph weight 2 * sigmoid(beta * log-ratio) fades as the paragraph becomes unlikely, so
 it does not run away as plain gradient ascent does. NPO+RT adds `retain_weight` x the mean per-token
 NLL of retain text. Training, checkpoints, resume and fluency-based early stopping are the LoRA loop of
-`persistent.AdapterTrainer` (the one CRISP uses); the artifact is the PEFT adapter.
+`adapter_training.AdapterTrainer` (the one CRISP uses); the artifact is the PEFT adapter.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods.adapter import AdapterMethod
-from sae_unlearn.methods.base import MethodContext, register
-from sae_unlearn.methods.persistent import AdapterTrainer, epoch_batch
+from sae_unlearn.methods.adapter_training import AdapterTrainer, epoch_batch
+from sae_unlearn.methods.base import MethodContext, TrainingWork, register
 from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
+from sae_unlearn.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,20 @@ class NpoMethod(AdapterMethod):
     name = "npo"
     needs_saes = False
     Config = NpoConfig
+
+    @classmethod
+    def training_work(cls, config: NpoConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
+        """Log-probabilities of the forget batch (and the retain batch's, for the retain NLL) through the
+        whole model, lm_head included; the reference's forget log-probabilities cached after one epoch."""
+        return TrainingWork(
+            config.steps,
+            config.batch_size,
+            config.max_length,
+            retain=config.retain_weight > 0,
+            next_token_loss=True,
+            frozen_states="forget_logprobs_first_epoch",
+            fluency_every=config.fluency_every,
+        )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: NpoConfig = self.config

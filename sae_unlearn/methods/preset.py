@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_unlearn.errors import UserError
+from sae_unlearn.methods.base import current_option_names
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -29,7 +30,7 @@ class Preset:
     options: dict[str, Any] = field(default_factory=dict)
 
     def merged_options(self, explicit: dict[str, Any] | None) -> dict[str, Any]:
-        return {**self.options, **(explicit or {})}
+        return {**self.options, **current_option_names(self.method, explicit or {})}
 
 
 def preset_names() -> list[str]:

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_unlearn.concepts.pack import ConceptPack
 from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
-from sae_unlearn.methods.base import Method, MethodContext, register
-from sae_unlearn.methods.persistent import check_not_offloaded, epoch_batch
+from sae_unlearn.methods.adapter_training import check_not_offloaded, epoch_batch
+from sae_unlearn.methods.base import Method, MethodContext, TrainingWork, register
 from sae_unlearn.models.batch import Batch, hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.models.loading import LoadedModel
@@ -69,7 +70,7 @@ class RmuConfig:
     the evaluated setting, docs/baselines.md)."""
     steps: int = 60
     """Optimizer steps, one forget and one retain batch each (published: 150 batches for Zephyr; 60 is
-    the evaluated setting, about 4 minutes on 2 CPU cores)."""
+    the evaluated setting)."""
     batch_size: int = 4
     """Paragraphs per forget batch and per retain batch (published: 4)."""
     max_length: int = 128
@@ -130,6 +131,11 @@ def relative_shift(h: torch.Tensor, frozen: torch.Tensor, valid: torch.Tensor) -
     return ((h - frozen).norm(dim=-1) / frozen.norm(dim=-1).clamp_min(1e-6)).sum() / n
 
 
+def steered_layer(cfg: RmuConfig, n_layers: int) -> int:
+    """The block whose output RMU steers: `cfg.layer`, else layer 7 of 32 scaled to the model's depth."""
+    return cfg.layer if cfg.layer is not None else max(1, round(7 / 32 * n_layers))
+
+
 @register
 class RmuMethod(Method):
     name = "rmu"
@@ -137,11 +143,19 @@ class RmuMethod(Method):
     persistent = True
     Config = RmuConfig
 
+    @classmethod
+    def training_work(cls, config: RmuConfig, loaded: LoadedModel, pack: ConceptPack) -> TrainingWork:
+        """Forward and backward up to the steered layer; the frozen model's retain states there, every step."""
+        depth = (steered_layer(config, loaded.n_layers) + 1) / loaded.n_layers
+        return TrainingWork(
+            config.steps, config.batch_size, config.max_length, depth=depth, frozen_states="retain_each_step"
+        )
+
     def run(self, ctx: MethodContext) -> dict[str, Any]:
         cfg: RmuConfig = self.config
         loaded = ctx.loaded
         n = loaded.n_layers
-        layer = cfg.layer if cfg.layer is not None else max(1, round(7 / 32 * n))
+        layer = steered_layer(cfg, n)
         update = cfg.update_layers if cfg.update_layers is not None else list(range(max(0, layer - 2), layer + 1))
         if not 0 <= layer < n or not update or any(not 0 <= u <= layer for u in update):
             raise UserError(

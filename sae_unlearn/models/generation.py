@@ -1,7 +1,7 @@
 """A small batched decoding loop with a dynamic KV cache.
 
 `model.generate` on Gemma 3 allocates a static hybrid cache sized to the context window on every
-call, which makes short CPU generations ~5x slower; this loop only grows what it needs. It works
+call, which dominates short CPU generations; this loop only grows what it needs. It works
 with forward hooks (clamp/ablate) and PEFT-wrapped models alike.
 """
 

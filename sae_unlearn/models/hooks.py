@@ -284,7 +284,7 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of final hidden states (softcapped where the model does)."""
     inner = _unwrap(model)
-    # contiguous: a strided bfloat16 input sends torch's CPU linear down a path ~200x slower
+    # contiguous: a strided bfloat16 input sends torch's CPU linear down a far slower path
     logits = inner.get_output_embeddings()(hidden.contiguous()).float().to(hidden.device)  # sharded: lm_head elsewhere
     cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits

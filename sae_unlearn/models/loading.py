@@ -150,8 +150,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions; without them torch emulates bfloat16 matrix products
-    (measured: a [1024 x 640] x [640 x 5120] product 64x slower than in float32 on an AMD EPYC)."""
+    """Whether this CPU has bfloat16 instructions; without them torch emulates bfloat16 matrix products,
+    far slower than float32 ones."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -51,7 +51,7 @@ class LoadedSAE:
 def pre_activations(sae: Any, x: torch.Tensor) -> torch.Tensor:
     """The SAE's hidden pre-activations as its own `encode` computes them, before the activation function."""
     pre = sae.process_sae_in(x) @ sae.W_enc
-    pre += sae.b_enc  # in place: out of place, this add took ~9 of ~28 ms (1,024 x 5,120 bf16, 2 cores)
+    pre += sae.b_enc  # in place: out of place the add writes a second [tokens, d_sae] tensor
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec.norm(dim=-1)
     return pre

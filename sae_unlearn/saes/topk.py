@@ -1,11 +1,12 @@
 """Top-k over the last dimension, for the k-of-thousands selections TopK SAEs make on every token.
 
-On CPU, `torch.topk` keeps a k-entry heap per row and pays it for every one of the row's d_sae entries
-(~14 ms for 1,024 x 5,120 on 2 cores, as much as the encoder product feeding it). Split each row into
+On CPU, `torch.topk` keeps a k-entry heap per row and pays it for every one of the row's d_sae entries,
+which can cost as much as the encoder product feeding it. Split each row into
 groups (group g holds columns g, g + G, g + 2G, ...): the row's top k entries all lie in the k groups
 with the largest maxima, since every other group's maximum is beaten by k group maxima. So one cheap
 max per group, a top-k over the G group maxima and a top-k over the k chosen groups' entries give the
-same values (ties may pick other, equal, entries) in ~70% of the time (`benchmarks/bench_pipeline.py`).
+same values (ties may pick other, equal, entries) while touching most entries only with a cheap max
+(`benchmarks/bench_pipeline.py` times the two on the machine at hand).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The TopK SAE training step's sparse kernel: SAELens TopKTrainingSAE's MSE and aux-k losses with the
-same values and gradients, decoded and back-propagated through the selected and dead latents only."""
+same values and gradients, decoded and back-propagated through the selected and dead latents only; and
+the dense reference step it reproduces (`reference_training_losses`, SAELens' own forward pass), which
+the trainer runs instead with `SAETrainingConfig.sparse_kernel = False`."""
 
 from __future__ import annotations
 
@@ -120,14 +122,13 @@ def topk_training_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAELens TopKTrainingSAE's MSE and aux-k losses, same values and gradients, computed sparsely.
 
-    Returns (mse, aux, reconstruction, fired latent ids). Several times cheaper than
-    `training_forward_pass` on CPU: one dense encoder product (in `matmul_dtype`, without gradient)
-    ranks the latents, and `_TopKCodec` decodes and back-propagates through the selected and dead
-    latents only. The decoder-norm rescaling cancels in value and gradient (relu(a*n)/n = relu(a) for
-    n > 0), so it only enters the rankings. Pass `W_enc_rows` from `trainable_parameters` to train the
-    encoder through that leaf; otherwise the gradient goes to `sae.W_enc`. `sparse_backward` (default:
-    on the devices in SPARSE_BACKWARD_DEVICES, the CPU) picks `_TopKCodec`; otherwise `_dense_codec`
-    (same values and gradients, plain ops).
+    Returns (mse, aux, reconstruction, fired latent ids). Cheaper than `training_forward_pass`: one
+    dense encoder product (in `matmul_dtype`, without gradient) ranks the latents, and `_TopKCodec`
+    decodes and back-propagates through the selected and dead latents only. The decoder-norm rescaling
+    cancels in value and gradient (relu(a*n)/n = relu(a) for n > 0), so it only enters the rankings.
+    Pass `W_enc_rows` from `trainable_parameters` to train the encoder through that leaf; otherwise the
+    gradient goes to `sae.W_enc`. `sparse_backward` (default: on the devices in SPARSE_BACKWARD_DEVICES,
+    the CPU) picks `_TopKCodec`; otherwise `_dense_codec` (same values and gradients, plain ops).
     """
     cfg = sae.cfg
     if W_enc_rows is None and torch.is_grad_enabled() and not sae.W_enc.requires_grad:
@@ -168,15 +169,28 @@ def topk_training_losses(
     return mse, aux, recon, idx[vals > 0]
 
 
+def reference_training_losses(
+    sae: Any, x: torch.Tensor, dead_mask: torch.Tensor | None, step: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_training_losses`' (mse, aux, reconstruction, fired latent ids) from SAELens'
+    `TopKTrainingSAE.training_forward_pass`: the dense step, gradients to the SAE's own parameters."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    out = sae.training_forward_pass(TrainStepInput(x, {}, dead_mask, step, False))
+    fired = out.feature_acts.nonzero()[:, -1]
+    return out.losses["mse_loss"], out.losses["auxiliary_reconstruction_loss"], out.sae_out, fired
+
+
 def _sparse_times_dense(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     # `sparse @ dense` zero-fills a [d_sae, d_in] tensor and copies it into its output before the
-    # product: two passes over 13 MB that took as long as the product. With beta=0, `out` is never read.
+    # product: two passes over the whole output for nothing. With beta=0, `out` is never read.
     out = dense.new_empty(sparse.shape[0], dense.shape[1])
     return torch.addmm(out, sparse, dense, beta=0.0, out=out)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """a @ b computed in `dtype` (float32 out): bfloat16 runs ~3x faster on CPUs with AVX512-BF16."""
+    """a @ b computed in `dtype` (float32 out): bfloat16 is the faster choice where the CPU has bf16
+    instructions (AVX512-BF16, AMX)."""
     return a @ b if dtype is None else (a.to(dtype) @ b.to(dtype)).float()
 
 
@@ -185,8 +199,8 @@ def trainable_parameters(sae: Any) -> dict[str, torch.nn.Parameter]:
 
     `sae.W_enc` becomes a transposed view of that leaf, so the SAE always holds the trained weights.
     The sparse backward makes dW_enc latent by latent, [d_sae, d_in]: a leaf of that layout takes it
-    as it is, where [d_in, d_sae] makes autograd copy it transposed (~7 ms a layer a step on 2 cores,
-    as much as one of the backward's sparse products), and fused Adam wants a contiguous tensor.
+    as it is, where [d_in, d_sae] makes autograd copy it transposed every step (a pass over the largest
+    matrix, comparable to one of the backward's sparse products), and fused Adam wants a contiguous tensor.
     """
     rows = torch.nn.Parameter(sae.W_enc.detach().t().contiguous())
     sae.W_enc = torch.nn.Parameter(rows.data.t(), requires_grad=False)

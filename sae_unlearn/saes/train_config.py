@@ -36,6 +36,12 @@ class SAETrainingConfig:
     # the ranking encoder product and the dead latents' aux-k products; the rest stays float32.
     # auto: bfloat16 where it runs in hardware and the run computes in bfloat16, else float32
     encoder_matmul_dtype: str = "auto"
+    sparse_kernel: bool = True
+    """The training step: True, `topk_kernel.topk_training_losses` (the latents ranked in one product
+    without gradient, then decoded and back-propagated through the selected and dead latents only);
+    False, the dense reference it reproduces, SAELens' own `TopKTrainingSAE.training_forward_pass` (the
+    same losses and gradients to float tolerance, every latent's pre-activation kept for the backward).
+    `encoder_matmul_dtype` applies to the sparse kernel only; the reference computes in float32."""
 
     def __post_init__(self) -> None:
         if self.encoder_matmul_dtype not in ("auto", "bfloat16", "float32"):

@@ -24,7 +24,7 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, atomic_write_json, read_checkpoint, write_checkpoint
 from sae_unlearn.models.hooks import hook_name
 from sae_unlearn.models.loading import LoadedModel, bf16_is_fast
-from sae_unlearn.saes.topk_kernel import topk_training_losses, trainable_parameters
+from sae_unlearn.saes.topk_kernel import reference_training_losses, topk_training_losses, trainable_parameters
 from sae_unlearn.saes.train_config import NORMALIZATION_EXPONENTS, SAETrainingConfig  # noqa: F401  (re-exported)
 from sae_unlearn.saes.train_data import (  # noqa: F401  (re-exported)
     NormStats,
@@ -79,7 +79,8 @@ def new_sae(cfg: SAETrainingConfig, d_model: int, layer: int, model_spec: str, d
 def encoder_matmul_dtype(choice: str, loaded: LoadedModel) -> torch.dtype | None:
     """The trainer's ranking/dead-latent product dtype (None: float32, the weights' own). `auto` is bfloat16
     only where the device runs it in hardware and the run's compute dtype is bfloat16 (so --dtype float32
-    means float32 products); emulated bfloat16 products cost ~64x float32 on CPUs without bf16 instructions."""
+    means float32 products); emulated bfloat16 products are far slower than float32 on CPUs without bf16
+    instructions."""
     if choice == "bfloat16":
         return torch.bfloat16
     if choice == "auto" and loaded.dtype == torch.bfloat16 and bf16_is_fast(loaded.device):
@@ -88,7 +89,7 @@ def encoder_matmul_dtype(choice: str, loaded: LoadedModel) -> torch.dtype | None
 
 
 def new_optimizer(params: dict[str, torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    # fused: one kernel per parameter instead of several passes over 3.3M-entry matrices (~3x on CPU)
+    # fused: one kernel per parameter instead of several passes over each of the SAE's large matrices
     return torch.optim.Adam(params.values(), lr=lr, betas=(0.9, 0.999), fused=True)
 
 
@@ -110,7 +111,10 @@ class SAETrainer:
             )
         self.total_sequences = int(self.seq_per_epoch * cfg.epochs)
         self.saes = {layer: new_sae(cfg, loaded.d_model, layer, model_spec, str(loaded.device)) for layer in cfg.layers}
-        self.params = {layer: trainable_parameters(s) for layer, s in self.saes.items()}
+        self.params = {
+            layer: trainable_parameters(s) if cfg.sparse_kernel else dict(s.named_parameters())
+            for layer, s in self.saes.items()
+        }
         self.optimizers = {layer: new_optimizer(p, cfg.lr) for layer, p in self.params.items()}
         d_sae = loaded.d_model * cfg.expansion
         self.since_fired = {layer: torch.zeros(d_sae, device=loaded.device) for layer in cfg.layers}
@@ -119,7 +123,10 @@ class SAETrainer:
         self.leftover: dict[int, torch.Tensor] = {}
         self.last_checkpoint_step = 0
         self.matmul_dtype = encoder_matmul_dtype(cfg.encoder_matmul_dtype, loaded)
-        log.info("encoder matmul dtype: %s", self.matmul_dtype or torch.float32)
+        if cfg.sparse_kernel:
+            log.info("sparse TopK kernel, encoder matmul dtype: %s", self.matmul_dtype or torch.float32)
+        else:
+            log.info("dense reference step (SAELens' training_forward_pass), float32")
         self.forward_seconds = 0.0  # in the model's forward passes, since the training loop began
         self.loop_seconds = 0.0  # in the whole training loop (forward passes, data pipeline, SAE steps)
 
@@ -214,7 +221,11 @@ class SAETrainer:
             # the batch's loss, and the summed gradients are the whole batch's (one process: share 1)
             first, stop = ranks.bounds(x_all.shape[0])
             x, share = x_all[first:stop], (stop - first) / x_all.shape[0]
-            mse, aux, _, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype, self.params[layer]["W_enc_rows"])
+            if self.cfg.sparse_kernel:
+                rows = self.params[layer]["W_enc_rows"]
+                mse, aux, _, fired = topk_training_losses(sae, x, dead_mask, matmul_dtype, rows)
+            else:
+                mse, aux, _, fired = reference_training_losses(sae, x, dead_mask, self.state.step)
             opt.zero_grad(set_to_none=True)
             ((mse + aux) * share).backward()
             ranks.sum_gradients(self.params[layer].values())

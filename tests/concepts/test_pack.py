@@ -69,7 +69,7 @@ def test_a_small_pack_gets_invalid_marks_not_silent_overlap(tmp_path: Path, capl
 
     pack = _pack_with(tmp_path, [f"Zorbo casts spell {i} at dawn over the tower." for i in range(20)])
     problems = pack.split_problems()
-    assert {"retention.forget_heldout_ppl", "reactivation", "fluency.forget_prompts"} <= set(problems)
+    assert {"retention.forget_heldout_ppl", "reactivation", "fluency.concept_prompts"} <= set(problems)
     assert "only 20 distinct forget paragraphs" in problems["reactivation"]
     with caplog.at_level("WARNING"):
         validity = split_validity(pack, EvalConfig())
@@ -84,10 +84,10 @@ def test_tune_and_report_prompts_are_disjoint_or_marked(tmp_path: Path) -> None:
     pack = _pack_with(tmp_path, distinct)
     tune, report = pack.prompt_split("tune"), pack.prompt_split("report")
     assert tune and report and not set(tune) & set(report) and len(report) <= 8
-    assert "fluency.forget_prompts" not in pack.split_problems()
+    assert "fluency.concept_prompts" not in pack.split_problems()
     pack.prompts = ["Zorbo is a", "zorbo  IS a"]  # one distinct prompt: cannot be split
     assert pack.prompt_split("tune") == pack.prompt_split("report") == ["Zorbo is a"]
-    assert "the same set" in pack.split_problems()["fluency.forget_prompts"]
+    assert "the same set" in pack.split_problems()["fluency.concept_prompts"]
 
 
 def test_prompts_file_is_optional_and_checked(tmp_path: Path) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from html.parser import HTMLParser
 
 import pytest
 
 from sae_unlearn.evaluation.compare import GOALS as COMPARE_GOALS
-from sae_unlearn.evaluation.goals import paired_rings
+from sae_unlearn.evaluation.goals import paired_rings, verdicts
 from sae_unlearn.evaluation.report import fmt, goal_rows, render_compare_report, summary_markdown
+from sae_unlearn.evaluation.result_keys import current_results_keys
 
 EVIL = "<b>& it"
 GOALS = {**COMPARE_GOALS, "custom_goal": 3}
@@ -47,14 +49,14 @@ def _result(
         },
         "retention": {"retain_heldout_ppl": retain, "generic_ppl": None, "forget_heldout_ppl": 30.0},
         "fluency": {
-            "forget_prompts": {
-                "base_ppl": fp_ppl,
+            "concept_prompts": {
+                "base_model_ppl": fp_ppl,
                 "repeated_3gram_share": 0.0,
                 "distinct_2": 0.9,
                 "foreign_script_share": None,
                 "samples": samples,
             },
-            "coherence": {"base_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]},
+            "coherence": {"base_model_ppl": 12.0, "samples": [{"prompt": "Once upon", "text": f"{name} story"}]},
         },
         "reactivation": {"fraction": reactivation, "per_layer": {}} if reactivation is not None else None,
         "adversarial": {"templates": {}, "any_template_accuracy": _acc(0.4), "chance": {"any_template": 0.822}}
@@ -93,7 +95,7 @@ def results() -> dict:
         ),
     }
     methods["clamp"]["fluency"]["coherence"] = None
-    methods["crisp"]["fluency"]["forget_prompts"]["repeated_3gram_share"] = 0.25
+    methods["crisp"]["fluency"]["concept_prompts"]["repeated_3gram_share"] = 0.25
     for name in ("crisp", "clamp"):
         methods[name]["paired"] = paired_rings(methods[name], methods["base"])
     return {
@@ -203,3 +205,49 @@ def test_summary_markdown(results: dict) -> None:
     assert "0.3 -> 0.6, recovery 0.5 (base control +0.02)" in attack
     assert attack.rstrip(" |").endswith("—")  # clamp ran no attack
     assert "target 40" in lines[-1]
+
+
+def _with_old_fluency_names(results: dict) -> dict:
+    """`results` as a results.json written before fluency.forget_prompts and base_ppl were renamed."""
+    old = copy.deepcopy(results)
+    for r in old["methods"].values():
+        fluency = r["fluency"]
+        fluency["forget_prompts"] = fluency.pop("concept_prompts")
+        for part in fluency.values():
+            if isinstance(part, dict) and "base_model_ppl" in part:
+                part["base_ppl"] = part.pop("base_model_ppl")
+    return old
+
+
+def test_results_with_the_old_fluency_names_read_the_same(results: dict) -> None:
+    old = _with_old_fluency_names(results)
+    before = copy.deepcopy(old)
+    assert verdicts(old) == verdicts(results)
+    assert render_compare_report(old) == render_compare_report(results)
+    assert summary_markdown(old) == summary_markdown(results)
+    assert old == before  # the readers leave the caller's dict alone
+    assert current_results_keys(results) == results  # current names come back as they are
+    # a field marked invalid under its old name still withholds the verdicts that read it
+    old["methods"]["crisp"]["validity"] = {"invalid": {"fluency.forget_prompts": "prompts open training paragraphs"}}
+    rows = verdicts(old)["crisp"]
+    assert rows["forget_prompt_fluency_ratio_max"]["note"] == "invalid: prompts open training paragraphs"
+    assert rows["far_drop_max_points"]["note"] == ""
+
+
+def test_results_with_the_old_strongest_attack_name_read_the_same() -> None:
+    curve = [
+        {"step": 0, "target_acc": 0.3, "generic_ppl": 20.0, "generic_ppl_ratio": 1.0, "recovery": 0.0},
+        {"step": 10, "target_acc": 0.55, "generic_ppl": 24.0, "generic_ppl_ratio": 1.2, "recovery": 0.5},
+    ]
+    strongest = {"attack": "lora_r16", "step": 10, "recovery": 0.5, "generic_ppl_ratio": 1.2}
+    rec = {"leaked": 0, "ppl_ratio_max": 1.5, "attacks": {"lora_r16": {"curve": curve, "recovery": 0.5}}}
+
+    def results(key: str) -> dict:
+        methods = {"base": {}, "crisp": {"relearning": {**rec, key: strongest}}}
+        return {"goals": {"relearn_recovery_max": 0.4}, "methods": methods}
+
+    old, new = results("worst_case"), results("strongest_attack")
+    assert verdicts(old) == verdicts(new)
+    assert verdicts(old)["crisp"]["relearn_recovery_max"]["value"] == 0.5
+    assert render_compare_report(old) == render_compare_report(new)
+    assert "crisp: 0.50 (lora_r16, step 10)" in render_compare_report(old)

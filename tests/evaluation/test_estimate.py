@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +140,88 @@ def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Pat
     assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
     assert saved["compute_dtype"]["dtype"] == "float32"
     assert saved["throughput_per_second"]["forward_tokens"] > 0
+
+
+# The work of each method's stages on the tiny set-up, as computed before the methods' cost models moved
+# into their own modules (Method.training_work / hooks_saes): the move must not change a figure. NPO's
+# training is left out: it was costed as a CRISP step (hidden-state loss, SAE and coherence tokens) and
+# now has its own model (test_npo_training_is_costed_as_next_token_training).
+BEFORE_THE_MOVE = {
+    "unlearn_crisp": Work(
+        forward_tokens=870.375,
+        lm_head_rows=1409,
+        sae_tokens=1683.3333333333335,
+        train_tokens=3228.333333333334,
+        generated_tokens=96,
+    ),
+    "evaluate_crisp": Work(forward_tokens=14093.5, lm_head_rows=11133, sae_tokens=1010, generated_tokens=96),
+    "unlearn_clamp": Work(),
+    "evaluate_clamp": Work(forward_tokens=13714.75, lm_head_rows=11133, sae_tokens=12710, generated_tokens=96),
+    "unlearn_ablate": Work(),
+    "evaluate_ablate": Work(forward_tokens=13714.75, lm_head_rows=11133, sae_tokens=12710, generated_tokens=96),
+    "unlearn_rmu": Work(forward_tokens=672.5, train_tokens=1514.166666666667),
+    "evaluate_rmu": Work(forward_tokens=13336, lm_head_rows=11133, generated_tokens=96),
+    "evaluate_npo": Work(forward_tokens=13336, lm_head_rows=11133, generated_tokens=96),
+}
+
+
+def test_each_methods_work_is_what_it_was_before_the_cost_models_moved(loaded, pack_dir: Path) -> None:
+    cfg = CompareConfig(
+        methods=["crisp", "clamp", "ablate", "rmu", "npo"],
+        max_length=64,
+        method_options={
+            "crisp": {"steps": 10, "fluency_every": 4},
+            "rmu": {"steps": 10},
+            "npo": {"steps": 6, "fluency_every": 3},
+        },
+        eval=EvalConfig(probe_split="all", letter=True, relearn_steps=4, relearn_eval_at=[0, 4]),
+    )
+    plan = dict(stage_plan(loaded, _saes(), load_pack(pack_dir), cfg))
+    for stage, before in BEFORE_THE_MOVE.items():
+        assert asdict(plan[stage]) == pytest.approx(asdict(before), rel=1e-12), stage
+    published = CompareConfig(
+        methods=["crisp"],
+        max_length=64,
+        method_options={"crisp": {"steps": 7, "objective": "published"}},
+        eval=EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4]),
+    )
+    crisp = dict(stage_plan(loaded, _saes(), load_pack(pack_dir), published))["unlearn_crisp"]
+    before = Work(
+        forward_tokens=741.375, lm_head_rows=896, sae_tokens=1178.3333333333335, train_tokens=2259.8333333333335
+    )
+    assert asdict(crisp) == pytest.approx(asdict(before), rel=1e-12)
+
+
+def test_npo_training_is_costed_as_next_token_training(loaded, pack_dir: Path) -> None:
+    """NPO reads log-probabilities through the whole model (LM train tokens, no SAEs, no coherence text),
+    the reference's forget log-probabilities once per paragraph, and checks fluency every fluency_every."""
+
+    def npo_work(**options) -> Work:
+        cfg = CompareConfig(methods=["npo"], max_length=64, method_options={"npo": options}, eval=_cfg().eval)
+        return dict(stage_plan(loaded, _saes(), load_pack(pack_dir), cfg))["unlearn_npo"]
+
+    work = npo_work(steps=6, fluency_every=3)
+    assert asdict(work) == pytest.approx(
+        asdict(Work(forward_tokens=634, lm_head_rows=634, lm_train_tokens=1817, generated_tokens=96)), rel=1e-12
+    )
+    assert work.train_tokens == 0 and work.sae_tokens == 0
+    no_check = npo_work(steps=6, fluency_every=0)
+    assert no_check.generated_tokens == 0 and no_check.lm_train_tokens == work.lm_train_tokens
+    # the reference log-probabilities are cached: forward work stops growing after the first epoch
+    assert npo_work(steps=60, fluency_every=0).forward_tokens == no_check.forward_tokens
+    assert npo_work(steps=60, fluency_every=0).lm_train_tokens == pytest.approx(10 * no_check.lm_train_tokens)
+    assert 0 < npo_work(steps=6, fluency_every=0, retain_weight=0.0).lm_train_tokens < no_check.lm_train_tokens
+
+
+def test_crisp_epochs_set_the_estimated_steps(loaded, pack_dir: Path) -> None:
+    """`epochs` sets CRISP's steps from the pack (crisp.training_steps, as run() counts them)."""
+    pack = load_pack(pack_dir)
+    steps = math.ceil(2 * len(pack.forget_split("train")) / 4)
+
+    def crisp_work(**options) -> Work:
+        cfg = CompareConfig(methods=["crisp"], max_length=64, method_options={"crisp": options}, eval=_cfg().eval)
+        return dict(stage_plan(loaded, _saes(), pack, cfg))["unlearn_crisp"]
+
+    by_epochs = crisp_work(epochs=2.0, batch_size=4, fluency_every=0)
+    assert by_epochs == crisp_work(steps=steps, batch_size=4, fluency_every=0)
+    assert by_epochs != crisp_work(batch_size=4, fluency_every=0)  # the default 100 steps

@@ -40,7 +40,7 @@ def test_evaluate_base_and_run(loaded, sae_dir, pack_dir, tmp_path: Path) -> Non
     )
     result = evaluate(loaded, pack, run, cfg=FAST)
     assert result["method"] == "ablate" and 0 <= result["reactivation"]["fraction"] < 1.0
-    assert result["fluency"]["forget_prompts"]["samples"]
+    assert result["fluency"]["concept_prompts"]["samples"]
     json.dumps(result)  # serialisable
 
 

@@ -27,7 +27,7 @@ def _result(method: str, right: dict[str, int], nll_per_token: float = 1.0, flu:
         "probes": _probes(right),
         "per_text": {"retain_heldout": [[10 * nll_per_token, 10]] * 20},
         "fluency": {
-            "forget_prompts": {
+            "concept_prompts": {
                 "samples": [
                     {"prompt": f"p{i}", "text": "t", "base_nll": flu + 0.01 * i, "repeated_3gram_share": 0.0}
                     for i in range(8)

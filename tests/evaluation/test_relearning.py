@@ -159,7 +159,7 @@ def test_attack_runs_on_a_tiny_model_and_leaves_the_callers_model_untouched(load
     control = rec["attacks"]["full"]["control"]["curve"]
     assert [p["target_acc"] for p in control] == [p["target_acc"] for p in base["attacks"]["full"]["curve"]]
     assert base["acc_base"] == base["attacks"]["lora"]["curve"][0]["target_acc"]
-    assert base["gap"]["defined"] is False and base["worst_case"] is None  # the base model removed nothing
+    assert base["gap"]["defined"] is False and base["strongest_attack"] is None  # the base model removed nothing
     assert rec["curve"][0] == {"step": 0, "target_acc": rec["acc_unlearned"]}
     if not rec["gap"]["defined"]:
         assert all(p["recovery"] is None for a in rec["attacks"].values() for p in a["curve"])
@@ -183,7 +183,7 @@ def test_attack_refuses_a_leak(loaded, tmp_path: Path, monkeypatch: pytest.Monke
         relearning_evaluation(loaded, None, pack, pack.probes, TINY)
 
 
-def test_report_shows_recovery_with_control_and_the_goal_reads_the_worst_case() -> None:
+def test_report_shows_recovery_with_control_and_the_goal_reads_the_strongest_attack() -> None:
     from sae_unlearn.evaluation.report import goal_rows, render_compare_report
 
     curve = [
@@ -195,7 +195,7 @@ def test_report_shows_recovery_with_control_and_the_goal_reads_the_worst_case() 
         "leaked": 0,
         "ppl_ratio_max": 1.5,
         "attacks": {"lora_r16": {"curve": curve, "recovery": 0.5, "control": control}},
-        "worst_case": {"attack": "lora_r16", "step": 10, "recovery": 0.5, "generic_ppl_ratio": 1.2},
+        "strongest_attack": {"attack": "lora_r16", "step": 10, "recovery": 0.5, "generic_ppl_ratio": 1.2},
         "curve": [{"step": 0, "target_acc": 0.3}, {"step": 10, "target_acc": 0.55}],
     }
     results = {"goals": {"relearn_recovery_max": 0.4}, "methods": {"base": {}, "crisp": {"relearning": rec}}}

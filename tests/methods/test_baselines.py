@@ -14,8 +14,8 @@ from sae_unlearn.errors import UserError
 from sae_unlearn.evaluation.compare import CompareConfig
 from sae_unlearn.methods import METHODS, apply, method_config, unlearn
 from sae_unlearn.methods.npo import npo_loss, sequence_logprobs
-from sae_unlearn.methods.persistent import hidden_at_layers, tokenize
 from sae_unlearn.methods.rmu import default_param_names, median_token_norm, steering_vector
+from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import decoder_blocks
 from tests.conftest import FORGET, RETAIN, tiny_model
 

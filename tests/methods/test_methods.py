@@ -8,9 +8,8 @@ import torch
 
 from sae_unlearn.errors import UserError
 from sae_unlearn.methods import apply, export_merged, method_config, unlearn
-from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, retain_kl
+from sae_unlearn.methods.crisp import ablation_target, published_unlearn_loss, relative_mse, retain_kl
 from sae_unlearn.methods.interventions import Intervention, LayerEdit, install, make_edit_fn
-from sae_unlearn.methods.persistent import relative_mse
 from sae_unlearn.saes.loading import LoadedSAE
 from tests.conftest import tiny_sae
 
@@ -78,10 +77,12 @@ def test_published_unlearn_loss_by_hand() -> None:
     valid = torch.tensor([[True, True]])
     # token 1: pre = [1,2,3], margin = |alpha * mean| = 1*2 -> feature 1: 2+2 = 4
     # token 2: pre = [3,0,0], margin = 1 -> feature 1: 0+1 = 1; mean over tokens = 2.5
-    loss = published_unlearn_loss(s, x, active, torch.tensor([1]), valid, alpha=1.0)
+    loss = published_unlearn_loss(s, x, active, torch.tensor([1]), valid, margin_alpha=1.0)
     assert float(loss) == pytest.approx(2.5)
     inactive = torch.tensor([[[True], [False]]])
-    assert float(published_unlearn_loss(s, x, inactive, torch.tensor([1]), valid, alpha=1.0)) == pytest.approx(4.0)
+    assert float(published_unlearn_loss(s, x, inactive, torch.tensor([1]), valid, margin_alpha=1.0)) == pytest.approx(
+        4.0
+    )
 
 
 def test_ablation_target_and_relative_mse() -> None:
@@ -252,7 +253,8 @@ def test_apply_refuses_another_base_model(setup, tmp_path: Path) -> None:
 def test_frozen_reference_reuses_states_that_match_a_fresh_pass(loaded) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from sae_unlearn.methods.persistent import FrozenReference, hidden_at_layers, tokenize
+    from sae_unlearn.methods.frozen_reference import FrozenReference
+    from sae_unlearn.models.batch import hidden_at_layers, tokenize
 
     model = get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     try:

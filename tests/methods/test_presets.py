@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -20,10 +21,12 @@ def test_presets_are_data_with_the_published_numbers() -> None:
     gemma = load_preset("crisp-paper", "gemma2")
     assert gemma.layers == [4, 6, 8, 10, 12, 14] and gemma.k == 10
     assert gemma.sae.split(",")[0] == "gemma-scope-2b-pt-res-canonical:layer_4/width_16k/canonical"
-    assert gemma.options["lr"] == 1e-5 and gemma.options["alpha"] == 5.0 and gemma.options["epochs"] == 1.0
+    assert gemma.options["lr"] == 1e-5 and gemma.options["margin_alpha"] == 5.0 and gemma.options["epochs"] == 1.0
     assert gemma.options["lora_layers"] == list(range(3, 10)) and gemma.options["lora_r"] == 4
     llama = load_preset("crisp-paper", "llama")
-    assert llama.layers == list(range(4, 29, 2)) and llama.options["alpha"] == 30.0 and llama.options["lr"] == 2e-5
+    assert (
+        llama.layers == list(range(4, 29, 2)) and llama.options["margin_alpha"] == 30.0 and llama.options["lr"] == 2e-5
+    )
     assert llama.sae.split(",")[-1] == "llama_scope_lxr_8x:l28r_8x"
     clamp = load_preset("clamp-paper", "gemma2")
     assert clamp.sae == "gemma-scope-2b-pt-res-canonical:layer_7/width_16k/canonical" and clamp.options["value"] == -100
@@ -54,9 +57,27 @@ def test_unlearn_with_a_preset_uses_its_options_under_explicit_ones(loaded, sae_
     )
     config = json.loads((run / "config.json").read_text())
     options = config["options"]
-    assert options["lr"] == 2e-5 and options["alpha"] == 30.0 and options["objective"] == "published"
+    assert options["lr"] == 2e-5 and options["margin_alpha"] == 30.0 and options["objective"] == "published"
     assert options["lora_layers"] == [0, 1, 2] and options["batch_size"] == 2  # explicit wins
     steps = math.ceil(len(pack.forget_split("train")) / 2)  # one epoch over the deduplicated paragraphs
     assert config["result"]["steps_done"] == steps
     with pytest.raises(UserError, match="is for method crisp, not clamp"):
         unlearn("clamp", loaded, pack, tmp_path / "c", saes=saes, features=selection, preset="crisp-paper")
+
+
+def test_crisp_reads_its_old_alpha_option_as_margin_alpha(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """CrispConfig.alpha (the published margin) is now margin_alpha: options, presets and experiment files
+    that still say alpha keep working, with a deprecation warning; RMU's alpha (a retain weight) stays."""
+    from sae_unlearn.evaluation.experiment import load_experiment
+
+    with caplog.at_level(logging.WARNING):
+        assert method_config("crisp", {"alpha": 7.0}).margin_alpha == 7.0
+    assert "option alpha is deprecated, use margin_alpha" in caplog.text
+    with pytest.raises(UserError, match="both alpha and margin_alpha"):
+        method_config("crisp", {"alpha": 7.0, "margin_alpha": 5.0})
+    assert method_config("rmu", {"alpha": 7.0}).alpha == 7.0
+    preset = load_preset("crisp-paper", "llama")
+    assert preset.merged_options({"alpha": 12.0})["margin_alpha"] == 12.0  # an explicit old name still wins
+    path = tmp_path / "exp.toml"
+    path.write_text("[method_options.crisp]\nalpha = 9.0\nsteps = 3\n")
+    assert load_experiment(path).compare.method_options["crisp"] == {"margin_alpha": 9.0, "steps": 3}

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from sae_unlearn.methods import apply, apply_merged, unlearn
+from sae_unlearn.methods.adapter_training import AdapterTrainer
 from sae_unlearn.methods.base import MethodContext
-from sae_unlearn.methods.persistent import AdapterTrainer
 from sae_unlearn.methods.robust import (
     WEIGHT_EDIT_FILE,
     GradientStep,

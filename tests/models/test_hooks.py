@@ -88,7 +88,7 @@ def test_hook_names_and_bad_layers() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_last_block_resid_post_is_the_block_output_not_the_normed_state(family: str) -> None:
-    from sae_unlearn.methods.persistent import Batch, hidden_at_layers
+    from sae_unlearn.models.batch import Batch, hidden_at_layers
 
     model = tiny_model(family, vocab_size=300)
     last = len(decoder_blocks(model)) - 1

@@ -106,6 +106,45 @@ def test_fast_topk_losses_match_sae_lens(n_dead: int, sparse_backward: bool) -> 
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_sparse_kernel_and_dense_reference_step_agree(loaded) -> None:
+    """SAETrainingConfig.sparse_kernel: the trainer's step through the sparse kernel and through SAELens'
+    dense training_forward_pass give the same losses, gradients and fired latents, dead latents included."""
+    trainers = {}
+    for sparse in (True, False):
+        cfg = SAETrainingConfig(
+            layers=[1, 2],
+            expansion=4,
+            k=8,
+            model_batch=4,
+            dead_after_tokens=10,
+            checkpoint_every=0,
+            sparse_kernel=sparse,
+        )
+        trainers[sparse] = SAETrainer(loaded, cfg, RETAIN * 3, Path("unused"), "tiny")
+    sparse, dense = trainers[True], trainers[False]
+    assert set(sparse.params[1]) == {"W_enc_rows", "b_enc", "W_dec", "b_dec"}
+    assert set(dense.params[1]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    torch.manual_seed(1)
+    batch = {layer: torch.randn(96, 64) * 3 for layer in (1, 2)}
+    for trainer in (sparse, dense):
+        for layer, sae in trainer.saes.items():
+            with torch.no_grad():  # off the initialisation, where several gradients vanish
+                sae.b_dec.copy_(torch.linspace(-1, 1, 64))
+                sae.b_enc.copy_(torch.linspace(-0.1, 0.1, 256))
+            trainer.since_fired[layer][::5] = 100.0  # every fifth latent dead: the aux-k loss is on
+    torch.testing.assert_close(sparse.saes[1].W_enc, dense.saes[1].W_enc)  # the same initial SAEs
+    metrics = {sparse_: t._step(batch, total_steps=10) for sparse_, t in trainers.items()}
+    assert metrics[True].keys() == metrics[False].keys()
+    for key in metrics[True]:
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-5), key
+    for layer in (1, 2):
+        s, d = sparse.params[layer], dense.params[layer]
+        torch.testing.assert_close(s["W_enc_rows"].grad, d["W_enc"].grad.t(), rtol=1e-4, atol=1e-5)
+        for name in ("b_enc", "W_dec", "b_dec"):
+            torch.testing.assert_close(s[name].grad, d[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(sparse.since_fired[layer], dense.since_fired[layer])
+
+
 def test_encoder_rows_leaf_trains_the_same_weights() -> None:
     """trainable_parameters' [d_sae, d_in] leaf gets W_enc's gradient transposed, and sae.W_enc follows it."""
     import copy

@@ -1,12 +1,12 @@
-"""Shared machinery of the persistent (LoRA) methods: seeded batches, the frozen model's cached hidden
-states, the training loop with checkpoints, exact resume, NaN handling and fluency-based early stopping.
-Tokenising and hidden-state capture live in models.batch (re-exported here for the method modules)."""
+"""Training a LoRA adapter (CRISP, NPO): `AdapterTrainer` wraps the model in PEFT and runs the loop,
+with checkpoints (safetensors + JSON), exact resume, NaN handling and fluency-based early stopping
+(fluency_check.py). Also the pieces every training method shares (RMU too): seeded epoch batches and
+the refusal to train offloaded blocks."""
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,11 +17,9 @@ from sae_unlearn.distributed import world
 from sae_unlearn.errors import UserError
 from sae_unlearn.io import atomic_dir, read_checkpoint, write_checkpoint
 from sae_unlearn.methods.base import MethodContext
-from sae_unlearn.models.batch import Batch, Hidden, hidden_at_layers, tokenize  # noqa: F401  (re-exported)
-from sae_unlearn.models.generation import generate
+from sae_unlearn.methods.fluency_check import FluencyCheck
 from sae_unlearn.models.hooks import decoder_blocks
 from sae_unlearn.runs import TrainLog
-from sae_unlearn.text_metrics import fluency_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,97 +43,6 @@ class TrainState:
     last_fluent_step: int = 0
     stopped_early: bool = False
     fluency_ratio: float | None = None
-
-
-class FrozenReference:
-    """Hidden states of the frozen model (adapter disabled) per text, kept after the first pass over it:
-    later epochs reuse them instead of a forward pass (about a third of a CRISP step). With right
-    padding and causal attention a text's states do not depend on its batch. Texts past `max_bytes`
-    are not kept (they are recomputed)."""
-
-    def __init__(self, layers: Sequence[int] | None, final: bool = False, max_bytes: int = 2 << 30) -> None:
-        self.layers, self.final, self.max_bytes = layers, final, max_bytes
-        self.store: dict[str, Hidden] = {}
-        self.bytes = 0
-
-    def clear(self) -> None:
-        self.store, self.bytes = {}, 0
-
-    def __call__(self, model: Any, texts: Sequence[str], batch: Batch) -> Hidden:
-        if all(t in self.store for t in texts):
-            return self._assemble([self.store[t] for t in texts], batch.input_ids.shape[1])
-        with model.disable_adapter(), torch.no_grad():
-            out = hidden_at_layers(model, batch, self.layers, final=self.final)
-        for i, (text, n) in enumerate(zip(texts, batch.attention_mask.sum(-1).tolist(), strict=True)):
-            row = Hidden(
-                {layer: h[i, :n].clone() for layer, h in out.hidden.items()},
-                out.final[i, :n].clone() if out.final is not None else None,
-            )
-            size = sum(t.numel() * t.element_size() for t in [*row.hidden.values(), row.final] if t is not None)
-            if text not in self.store and self.bytes + size <= self.max_bytes:
-                self.store[text], self.bytes = row, self.bytes + size
-        return out
-
-    @staticmethod
-    def _assemble(rows: list[Hidden], width: int) -> Hidden:
-        def pad(parts: list[torch.Tensor]) -> torch.Tensor:
-            out = parts[0].new_zeros(len(parts), width, parts[0].shape[-1])
-            for i, part in enumerate(parts):
-                out[i, : part.shape[0]] = part
-            return out
-
-        hidden = {layer: pad([r.hidden[layer] for r in rows]) for layer in rows[0].hidden}
-        final = pad([r.final for r in rows]) if rows[0].final is not None else None  # type: ignore[misc]
-        return Hidden(hidden, final)
-
-
-def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Squared error over valid tokens relative to the reference's squared norm (scale-free across layers).
-
-    `b` is the reference (a frozen state or target: no gradient reaches it). Data-parallel, this rank's
-    share of the global value: its summed error over the global mean of the reference's squared norm and
-    the global token count (`sae_unlearn.distributed`); the shares sum to it."""
-    a, b = a.float()[valid], b.float()[valid]
-    ranks = world()
-    n = ranks.global_count(valid.sum(), a.device)
-    reference = ranks.sum((b**2).sum()) / n
-    return ((a - b) ** 2).sum() / n / reference.clamp_min(1e-6)
-
-
-def default_lora_layers(sae_layers: Sequence[int]) -> list[int]:
-    """From one block below the first SAE layer up to the deepest SAE layer (LoRA must reach it)."""
-    return list(range(max(0, min(sae_layers) - 1), max(sae_layers) + 1))
-
-
-@dataclass
-class FluencyReading:
-    ratio: float  # base-model perplexity of the adapted model's continuations / of the base's own
-    repetition: float  # share of repeated word 3-grams in the adapted model's continuations
-
-
-class FluencyCheck:
-    """Greedy continuations of concept prompts, scored as in evaluation (`fluency_metrics`, 32 tokens):
-    the base model's perplexity of them relative to its own continuations, and their repeated-3-gram
-    share."""
-
-    def __init__(self, peft_model: Any, tokenizer: Any, prompts: list[str], new_tokens: int = 32) -> None:
-        self.tokenizer, self.prompts, self.new_tokens = tokenizer, prompts, new_tokens
-        with peft_model.disable_adapter():
-            base = fluency_metrics(peft_model, tokenizer, prompts, generate(peft_model, tokenizer, prompts, new_tokens))
-        self.base_ppl, self.base_repetition = base["base_ppl"], base["repeated_3gram_share"]
-
-    def read(self, peft_model: Any) -> FluencyReading:
-        was_training = peft_model.training
-        peft_model.eval()
-        texts = generate(peft_model, self.tokenizer, self.prompts, self.new_tokens)
-        with peft_model.disable_adapter():
-            metrics = fluency_metrics(peft_model, self.tokenizer, self.prompts, texts)
-        peft_model.train(was_training)
-        log.info(
-            "fluency check: %s",
-            " | ".join(re.sub(r"\s+", " ", p + t)[:70] for p, t in zip(self.prompts, texts, strict=True)),
-        )
-        return FluencyReading(metrics["base_ppl"] / self.base_ppl, metrics["repeated_3gram_share"])
 
 
 def check_not_offloaded(model: Any, layers: Sequence[int], what: str) -> None:
