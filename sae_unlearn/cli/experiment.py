@@ -51,9 +51,8 @@ def experiment_overrides(
     if methods is not None:
         top["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
     if attack is not None:
-        top.setdefault("eval", {})["robustness_for"] = (
-            None if attack == "all" else [m.strip() for m in attack.split(",") if m.strip()]
-        )
+        attacked = None if attack == "all" else [m.strip() for m in attack.split(",") if m.strip()]
+        top.setdefault("eval", {}).update(robustness_for=attacked, relearn_for=None)  # both attacks on these
     scalar = {"concept", "model", "sae", "k", "strategy", "max_length", "examples_from", "methods"}
     for key, value in parse_options(set_).items():
         group, _, name = key.partition(".")

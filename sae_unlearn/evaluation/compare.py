@@ -54,7 +54,8 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise UserError(f"unknown method {unknown[0]!r}", f"use some of {', '.join(sorted(METHODS))}")
-        not_run = sorted(set(self.eval.robustness_for or []) - {"base", *self.methods})
+        asked = {*(self.eval.robustness_for or []), *(self.eval.relearn_for or [])}
+        not_run = sorted(asked - {"base", *self.methods})
         if not_run:
             raise UserError(
                 f"the attacks are asked for {not_run[0]!r}, which is not run",

@@ -176,7 +176,8 @@ def probe_throughput(
             logits = attack(input_ids=ids, attention_mask=mask).logits
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
 
-        with torch.autocast(device.type, dtype=attack_autocast) if attack_autocast else contextlib.nullcontext():
+        mixed = torch.autocast(device.type, dtype=attack_autocast, cache_enabled=False) if attack_autocast else None
+        with mixed or contextlib.nullcontext():
             attack_train_rate = _rate(attack_step, tokens, budget_s)
             with torch.no_grad():
                 attack_forward_rate = _rate(lambda: attack(input_ids=ids, attention_mask=mask).logits, tokens, budget_s)
@@ -300,7 +301,6 @@ def _evaluation_work(
     ev = cfg.eval
     probes = select_probes(pack, None, ev)
     targets = [p for p in probes if p.ring == "target"]
-    robust = ev.robustness_for is None or name in ev.robustness_for
     hooked = Work()  # forward work that runs with the run's SAE hooks installed, for a method installed as hooks
     hooked += _logprob_work(probes, n)
     if ev.letter:
@@ -320,12 +320,11 @@ def _evaluation_work(
         work += levels * (2 if with_base_levels else 1)
     if cls is not None and cls.hooks_saes:  # every hooked token passes the SAEs at the edited layers
         work += Work(sae_tokens=hooked.forward_tokens + hooked.generated_tokens)
-    if robust and targets:
-        if ev.adversarial:
-            for variant in adversarial_probes(targets, pack.probe_split("tune")).values():
-                work += _logprob_work(variant, n)
-        if ev.relearn:
-            work += _relearning_work(pack, targets, cfg, n)
+    if targets and ev.adversarial_for(name):
+        for variant in adversarial_probes(targets, pack.probe_split("tune")).values():
+            work += _logprob_work(variant, n)
+    if targets and ev.relearning_for(name):
+        work += _relearning_work(pack, targets, cfg, n)
     return work
 
 
@@ -378,14 +377,14 @@ def stage_plan(
     ev = cfg.eval
     # the base model's attack curves are the methods' controls: computed by the base evaluation when it is
     # attacked, else by the first attacked method's
-    control_pending = ev.relearn and ev.robustness_for is not None and "base" not in ev.robustness_for
+    control_pending = not ev.relearning_for("base")
     for method in cfg.methods:
         options = cfg.method_options.get(method, {})
         plan.append((f"unlearn_{method}", _method_work(method, options, loaded, pack, n, trunk)))
         first = base_levels_pending and METHODS[method].needs_saes
         base_levels_pending = base_levels_pending and not first
         work = _evaluation_work(method, method, loaded, pack, cfg, n, trunk, first)
-        if control_pending and ev.robustness_for is not None and method in ev.robustness_for:
+        if control_pending and ev.relearning_for(method):
             targets = [p for p in select_probes(pack, None, ev) if p.ring == "target"]
             work, control_pending = work + _relearning_work(pack, targets, cfg, n), False
         plan.append((f"evaluate_{method}", work))
@@ -409,7 +408,7 @@ def estimate_compare(
     from sae_unlearn.evaluation.evaluate import relearn_config
     from sae_unlearn.evaluation.relearning import autocast_dtype
 
-    attacks = cfg.eval.relearn and cfg.eval.robustness_for != []
+    attacks = any(cfg.eval.relearning_for(name) for name in ("base", *cfg.methods))
     rcfg = relearn_config(cfg.eval)
     rates = probe_throughput(
         loaded, saes, budget_s, rcfg.dtype if attacks else None, autocast_dtype(loaded, rcfg.autocast)

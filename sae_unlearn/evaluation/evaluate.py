@@ -73,7 +73,15 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_include: str | None = None
     lm_eval_limit: int | None = None
-    robustness_for: list[str] | None = None  # methods that get the adversarial and relearning attacks (None: all)
+    robustness_for: list[str] | None = None  # models that get the adversarial and relearning attacks (None: all)
+    relearn_for: list[str] | None = None  # models that get the relearning attack (None: those of robustness_for)
+
+    def adversarial_for(self, name: str) -> bool:
+        return self.adversarial and (self.robustness_for is None or name in self.robustness_for)
+
+    def relearning_for(self, name: str) -> bool:
+        attacked = self.robustness_for if self.relearn_for is None else self.relearn_for
+        return self.relearn and (attacked is None or name in attacked)
 
 
 def select_probes(pack: ConceptPack | None, probes: Sequence[Probe] | None, cfg: EvalConfig) -> list[Probe]:
@@ -159,7 +167,6 @@ def evaluate(
     chosen = select_probes(pack, probes, cfg)
     method = read_config(run_dir)["method"] if run_dir is not None else "base"
     targets = [p for p in chosen if p.ring == "target"]
-    robust = cfg.robustness_for is None or (name or method) in cfg.robustness_for
     result: dict[str, Any] = {
         "version": RESULTS_VERSION,
         "name": name or method,
@@ -197,7 +204,7 @@ def evaluate(
             say("feature re-activation")
             levels = feature_levels(loaded, model, run_dir, pack.forget_split("heldout"))
             result["reactivation_levels"] = levels
-        if cfg.adversarial and targets and robust:
+        if targets and cfg.adversarial_for(name or method):
             say("adversarial prompts")
             per_probe = result["probes"]["per_probe"]
             result["adversarial"] = adversarial(
@@ -242,7 +249,7 @@ def evaluate(
         result["reactivation"] = None
     result.setdefault("adversarial", None)
     result.setdefault("lm_eval", None)
-    if cfg.relearn and pack is not None and targets and robust:
+    if pack is not None and targets and cfg.relearning_for(name or method):
         say("relearning attack")
         result["relearning"] = relearn(loaded, run_dir, pack, targets, cfg, relearn_cache)
     else:

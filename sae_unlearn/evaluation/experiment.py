@@ -177,16 +177,19 @@ def load_experiment(
     """The experiment in `spec` (a file, a results.json, or a built-in name; None: the defaults),
     with the --fast settings and `overrides` on top; each value checked against its field's type.
 
-    When `overrides` names the methods but not the attacked models (eval.robustness_for), the attack
-    list of the layers below keeps only the methods that run (and base)."""
+    When `overrides` names the methods but not the attacked models (eval.robustness_for, eval.relearn_for),
+    the attack lists of the layers below keep only the methods that run (and base)."""
     overrides = dict(overrides or {})
     eval_overrides = overrides.get("eval", {})
-    if "methods" in overrides and isinstance(eval_overrides, Mapping) and "robustness_for" not in eval_overrides:
-        every_method = {"methods": sorted(METHODS)}  # read the file's list without checking it against its methods
-        attacked = _load_experiment(spec, fast=fast, overrides=every_method).compare.eval.robustness_for
-        if attacked is not None:
-            keep = [m for m in attacked if m in ("base", *overrides["methods"])]
-            overrides = {**overrides, "eval": {**eval_overrides, "robustness_for": keep}}
+    if "methods" in overrides and isinstance(eval_overrides, Mapping):
+        every_method = {"methods": sorted(METHODS)}  # read the file's lists without checking them against its methods
+        below = _load_experiment(spec, fast=fast, overrides=every_method).compare.eval
+        for key in ("robustness_for", "relearn_for"):
+            attacked = getattr(below, key)
+            if key not in eval_overrides and attacked is not None:
+                keep = [m for m in attacked if m in ("base", *overrides["methods"])]
+                eval_overrides = {**eval_overrides, key: keep}
+        overrides = {**overrides, "eval": eval_overrides} if eval_overrides else overrides
     return _load_experiment(spec, fast=fast, overrides=overrides)
 
 

@@ -328,7 +328,8 @@ def attacked_copy(
     mixed = autocast_dtype(loaded, autocast)
     with contextlib.ExitStack() as stack:
         if mixed is not None:
-            stack.enter_context(torch.autocast(main_device(model).type, dtype=mixed))
+            # no cast cache: it would keep serving the bfloat16 copies of the weights before the first step
+            stack.enter_context(torch.autocast(main_device(model).type, dtype=mixed, cache_enabled=False))
         if isinstance(run, Path):
             model = stack.enter_context(apply_merged(private, run))
         model.requires_grad_(False)

@@ -222,14 +222,22 @@ def test_attack_under_bfloat16_autocast_trains_float32_weights(loaded) -> None:
     with pytest.raises(Exception, match="unknown attack autocast"):
         autocast_dtype(loaded, "fp8")
 
-    seen: list[torch.dtype] = []
-    with attacked_copy(bf16_run, None) as model:
-        assert all(p.dtype == torch.float32 for p in model.parameters())
-        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        attack = Attack("full", "full", 2e-5, [0, 1], batch_size=2, max_length=16)
-        fine_tune_attack(model, loaded.tokenizer, FORGET[:4], attack, [], [])
-        hook.remove()
-        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert seen and set(seen) == {torch.bfloat16}, "the products did not run in bfloat16"
-    assert moved, "a float32 weight did not move at lr 2e-5"
+    ids = loaded.tokenizer(FORGET[0], return_tensors="pt").input_ids
+    for kind, lr in (("full", 2e-5), ("lora", 1e-2)):
+        seen: list[torch.dtype] = []
+        with attacked_copy(bf16_run, None) as model:
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+            with torch.no_grad():
+                logits_before = model(ids).logits
+            hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            attack = Attack(kind, kind, lr, [0, 2], batch_size=2, max_length=16)
+            fine_tune_attack(model, loaded.tokenizer, FORGET[:4], attack, [], [])
+            hook.remove()
+            moved = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+            with torch.no_grad():
+                logits_after = model(ids).logits  # still inside the attack's autocast region
+        assert seen and set(seen) == {torch.bfloat16}, "the products did not run in bfloat16"
+        assert kind == "lora" or moved, "a float32 weight did not move at lr 2e-5"
+        # the trained weights reach the outputs (a cached bfloat16 cast of the old weights would not)
+        assert not torch.equal(logits_before, logits_after), f"{kind}: the attack did not change the model's outputs"
