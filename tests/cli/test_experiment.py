@@ -26,7 +26,7 @@ FAST_EVAL = {
     "robustness_for": ["crisp"],
     "relearn_for": ["crisp"],
 }
-FAST_METHODS = {"crisp": {"steps": 30, "max_length": 64}, "rmu": {"steps": 20}, "npo": {"steps": 6}}
+FAST_METHODS = {"crisp": {"steps": 25, "max_length": 64}, "rmu": {"steps": 20}, "npo": {"steps": 5}}
 DEMO_METHODS = ["crisp", "clamp", "ablate", "rmu", "npo"]
 
 
