@@ -15,7 +15,6 @@ every setting (steps, batch sizes, max lengths, probe counts, attacks); nothing 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -28,6 +27,7 @@ import torch
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.evaluation.adversarial import adversarial_probes
 from sae_unlearn.evaluation.evaluate import GENERIC_TEXT, select_probes
+from sae_unlearn.evaluation.relearning import mixed_precision
 from sae_unlearn.evaluation.scoring import letter_prompt, question_prompt
 from sae_unlearn.methods import METHODS, method_config
 from sae_unlearn.models.generation import generate
@@ -176,8 +176,7 @@ def probe_throughput(
             logits = attack(input_ids=ids, attention_mask=mask).logits
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
 
-        mixed = torch.autocast(device.type, dtype=attack_autocast, cache_enabled=False) if attack_autocast else None
-        with mixed or contextlib.nullcontext():
+        with mixed_precision(device.type, attack_autocast):
             attack_train_rate = _rate(attack_step, tokens, budget_s)
             with torch.no_grad():
                 attack_forward_rate = _rate(lambda: attack(input_ids=ids, attention_mask=mask).logits, tokens, budget_s)

@@ -312,6 +312,14 @@ def autocast_dtype(loaded: LoadedModel, autocast: str) -> torch.dtype | None:
     return None if chosen == torch.float32 else chosen
 
 
+def mixed_precision(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to `dtype` (None: nothing) for training float32 weights. No cast cache: it would keep
+    serving the low-precision copies of the weights from before the first optimizer step."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
 @contextlib.contextmanager
 def attacked_copy(
     loaded: LoadedModel, run: Path | LoadedModel | None, dtype: str = "float32", autocast: str = "auto"
@@ -325,11 +333,8 @@ def attacked_copy(
     if dtype != "model":
         model = model.to(getattr(torch, dtype))
     private = dataclasses.replace(loaded, model=model)
-    mixed = autocast_dtype(loaded, autocast)
     with contextlib.ExitStack() as stack:
-        if mixed is not None:
-            # no cast cache: it would keep serving the bfloat16 copies of the weights before the first step
-            stack.enter_context(torch.autocast(main_device(model).type, dtype=mixed, cache_enabled=False))
+        stack.enter_context(mixed_precision(main_device(model).type, autocast_dtype(loaded, autocast)))
         if isinstance(run, Path):
             model = stack.enter_context(apply_merged(private, run))
         model.requires_grad_(False)
