@@ -271,6 +271,9 @@ def _method_work(
         sae_tokens=forget_batch if training.sae_forget else 0.0,
         lm_head_rows=2 * training.kl_positions,
     )
+    if training.generated_tokens:  # continuations of paragraph openings, then read with gradient
+        generated = batch * training.generated_tokens
+        step = step + Work(generated_tokens=generated, train_tokens=generated)
     first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
     if training.frozen_states == "retain_each_step":
         frozen = Work(forward_tokens=steps * retain_batch * training.depth)

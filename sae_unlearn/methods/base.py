@@ -63,6 +63,8 @@ class TrainingWork:
     (frozen_reference.FrozenReference); "retain_each_step", the retain batch up to `depth`, every step;
     "forget_logprobs_first_epoch", the forget batch's log-probabilities (the whole model, lm_head
     included), during the first epoch and reused after it."""
+    generated_tokens: int = 0
+    """Tokens each step greedily generates per forget paragraph and then trains on (CRISP's unlikelihood term)."""
     fluency_every: int = 0
     """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
 

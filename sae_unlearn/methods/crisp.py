@@ -36,6 +36,7 @@ from sae_unlearn.methods.adapter import AdapterMethod
 from sae_unlearn.methods.adapter_training import AdapterTrainer, epoch_batch
 from sae_unlearn.methods.base import MethodContext, TrainingWork, register
 from sae_unlearn.methods.frozen_reference import FrozenReference
+from sae_unlearn.methods.unlikelihood import opening_words, unlikelihood_term
 from sae_unlearn.models.batch import hidden_at_layers, tokenize
 from sae_unlearn.models.hooks import lm_head_logits
 from sae_unlearn.models.loading import LoadedModel
@@ -50,6 +51,10 @@ from sae_unlearn.saes.edit import (
 from sae_unlearn.saes.loading import LoadedSAE, pre_activations
 
 log = logging.getLogger(__name__)
+
+# the unlikelihood term continues this many opening words of each forget paragraph: about the length of
+# a concept prompt, so the continuation is the model's own text rather than the paragraph's
+UNLIKELIHOOD_PROMPT_WORDS = 6
 
 
 @dataclass
@@ -92,6 +97,15 @@ class CrispConfig:
     fluency_every: int = 20
     max_fluency_ratio: float = 2.0
     max_repetition_increase: float | None = 0.15  # over the base model's repeated-3-gram share; None: off
+    unlikelihood_weight: float = 0.0
+    """Weight of a sequence-level unlikelihood term (Welleck et al. 2020; methods/unlikelihood.py) that
+    holds repetition in the objective: each step the adapted model greedily continues the opening words of
+    the forget batch's paragraphs by `unlikelihood_tokens` tokens, and every token of a repeated token
+    `unlikelihood_ngram`-gram gets the loss -log(1 - p). 0: off."""
+    unlikelihood_tokens: int = 32
+    """Tokens generated per paragraph opening for the unlikelihood term."""
+    unlikelihood_ngram: int = 3
+    """The token n-gram length whose repeats the unlikelihood term penalises."""
     checkpoint_every: int = 50
     seed: int = 0
     # robustness to relearning (methods/robust.py, docs/robustness.md); all off by default
@@ -232,6 +246,7 @@ class CrispMethod(AdapterMethod):
             sae_forget=True,
             kl_positions=config.retain_kl_positions if config.retain_kl_weight else 0,
             fluency_every=config.fluency_every if config.objective == "ablation" else 0,
+            generated_tokens=config.unlikelihood_tokens if config.unlikelihood_weight > 0 else 0,
         )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
@@ -446,6 +461,13 @@ class CrispLoss:
         shares = {"unlearn": unlearn, "retain": retain_loss, "coherence": coherence_loss}
         if kl:
             shares["retain_kl"] = kl_loss
+        if cfg.unlikelihood_weight > 0:
+            prompts = [opening_words(text, UNLIKELIHOOD_PROMPT_WORDS) for text in forget_texts]
+            repeat_loss, _ = unlikelihood_term(
+                model, loaded.tokenizer, prompts, cfg.unlikelihood_tokens, cfg.unlikelihood_ngram, cfg.max_length
+            )
+            rest.append(cfg.unlikelihood_weight * repeat_loss)
+            shares["unlikelihood"] = repeat_loss
         values = ranks.sum(torch.stack([v.detach().float().reshape(()) for v in shares.values()])).tolist()
         terms = dict(zip(shares, values, strict=True))  # the global terms (each rank holds a share)
         if not all(math.isfinite(v) for v in values):
