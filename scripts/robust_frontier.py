@@ -90,9 +90,10 @@ def table(out: Path) -> None:
     rows.sort(key=lambda r: r.get("started", 0))
     print(
         "| variant | target | near | far | retain ppl | concept-prompt ppl / repeat | LoRA r16, scored half "
-        "0 -> 20 (recovery) | full FT, scored half 0 -> 20 (recovery) | seconds train / eval / attack |"
+        "0 -> 20 (recovery) | full FT, scored half 0 -> 20 (recovery) | adapter kept (step of steps run) | "
+        "seconds train / eval / attack |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     b = base["eval"]
 
     def control(name: str) -> str:
@@ -102,7 +103,7 @@ def table(out: Path) -> None:
     print(
         f"| base model (control) | {b['acc']['target']:.3f} | {b['acc']['near']:.3f} | {b['acc']['far']:.3f} | "
         f"{b['retain_ppl']:.2f} | {b['fluency_ppl']:.2f} / {b['repetition']:.2f} | {control('lora_r16')} | "
-        f"{control('full_ft')} | — |"
+        f"{control('full_ft')} | — | — |"
     )
 
     def attack(a: dict[str, Any] | None) -> str:
@@ -112,12 +113,17 @@ def table(out: Path) -> None:
         rec = "n/a" if last[2] is None else f"{last[2]:.2f}"
         return f"{first[1]:.2f} -> {last[1]:.2f} ({rec})"
 
+    def kept(train: dict[str, Any]) -> str:
+        if not train.get("stopped_early"):
+            return f"{train.get('steps_done', '?')} (all)"
+        return f"{train.get('last_fluent_step')} of {train.get('steps_done')} (fluency stop)"
+
     for r in rows:
         e, a, sec = r["eval"], r["attack"], r["seconds"]
         print(
             f"| {r['name']} (`{r['options'] or 'defaults'}`) | {e['acc']['target']:.3f} | {e['acc']['near']:.3f} | "
             f"{e['acc']['far']:.3f} | {e['retain_ppl']:.2f} | {e['fluency_ppl']:.2f} / {e['repetition']:.2f} | "
-            f"{attack(a.get('lora_r16'))} | {attack(a.get('full_ft'))} | "
+            f"{attack(a.get('lora_r16'))} | {attack(a.get('full_ft'))} | {kept(r.get('train_summary', {}))} | "
             f"{sec['train']:.0f} / {sec['eval']:.0f} / {sec['attack']:.0f} |"
         )
 

@@ -273,7 +273,9 @@ def _method_work(
     )
     if training.generated_tokens:  # continuations of paragraph openings, then read with gradient
         generated = batch * training.generated_tokens
-        step = step + Work(generated_tokens=generated, train_tokens=generated)
+        openings = [" ".join(text.split()[: training.generation_prompt_words]) for text in forget]
+        read = generated + batch * n.mean(openings, max_length)
+        step = step + Work(generated_tokens=generated, train_tokens=read)
     first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
     if training.frozen_states == "retain_each_step":
         frozen = Work(forward_tokens=steps * retain_batch * training.depth)

@@ -64,7 +64,9 @@ class TrainingWork:
     "forget_logprobs_first_epoch", the forget batch's log-probabilities (the whole model, lm_head
     included), during the first epoch and reused after it."""
     generated_tokens: int = 0
-    """Tokens each step greedily generates per forget paragraph and then trains on (CRISP's unlikelihood term)."""
+    """Tokens each step greedily generates per forget paragraph, continuing its first `generation_prompt_words`
+    words, and then trains on with them (CRISP's unlikelihood term)."""
+    generation_prompt_words: int = 0
     fluency_every: int = 0
     """A fluency check of the concept prompts (tune half) every this many steps, plus one of the base model."""
 

@@ -101,7 +101,8 @@ class CrispConfig:
     """Weight of a sequence-level unlikelihood term (Welleck et al. 2020; methods/unlikelihood.py) that
     holds repetition in the objective: each step the adapted model greedily continues the opening words of
     the forget batch's paragraphs by `unlikelihood_tokens` tokens, and every token of a repeated token
-    `unlikelihood_ngram`-gram gets the loss -log(1 - p). 0: off."""
+    `unlikelihood_ngram`-gram gets the loss -log(1 - p), summed over them and divided by the number of
+    generated tokens. 0: off."""
     unlikelihood_tokens: int = 32
     """Tokens generated per paragraph opening for the unlikelihood term."""
     unlikelihood_ngram: int = 3
@@ -247,6 +248,7 @@ class CrispMethod(AdapterMethod):
             kl_positions=config.retain_kl_positions if config.retain_kl_weight else 0,
             fluency_every=config.fluency_every if config.objective == "ablation" else 0,
             generated_tokens=config.unlikelihood_tokens if config.unlikelihood_weight > 0 else 0,
+            generation_prompt_words=UNLIKELIHOOD_PROMPT_WORDS,
         )
 
     def run(self, ctx: MethodContext) -> dict[str, Any]:
@@ -464,7 +466,7 @@ class CrispLoss:
         if cfg.unlikelihood_weight > 0:
             prompts = [opening_words(text, UNLIKELIHOOD_PROMPT_WORDS) for text in forget_texts]
             repeat_loss, _ = unlikelihood_term(
-                model, loaded.tokenizer, prompts, cfg.unlikelihood_tokens, cfg.unlikelihood_ngram, cfg.max_length
+                model, loaded.tokenizer, prompts, cfg.unlikelihood_tokens, cfg.unlikelihood_ngram
             )
             rest.append(cfg.unlikelihood_weight * repeat_loss)
             shares["unlikelihood"] = repeat_loss

@@ -16,7 +16,6 @@ from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 from sae_unlearn.models.loading import main_device
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     tokenizer: Any,
@@ -28,6 +27,23 @@ def generate(
     stop_at_eos: bool = True,
 ) -> list[str]:
     """Continue each prompt; greedy when temperature == 0. Returns only the continuations."""
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, temperature, top_k, seed, stop_at_eos)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 40,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """`generate`'s continuations as the token ids the model chose (with `stop_at_eos`, up to and
+    including the first EOS)."""
     if not prompts:
         return []
     device = main_device(model)  # a sharded model: its first device
@@ -62,4 +78,6 @@ def generate(
         if bool(done.all()):
             break
     rows = torch.cat(out, dim=1).tolist()
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    if eos is not None and stop_at_eos:
+        rows = [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+    return rows
