@@ -15,6 +15,9 @@ Two objectives:
   every `fluency_every` steps and training stops (restoring the last fluent adapter) when the
   base model's perplexity of them exceeds `max_fluency_ratio` x that of its own generations, or
   their repeated-3-gram share exceeds the base model's by more than `max_repetition_increase`.
+  An unlikelihood term on the adapted model's own continuations of forget-paragraph openings
+  (`unlikelihood_weight`, methods/unlikelihood.py) keeps them from looping, so the early stop is a
+  guard rather than what decides how far training gets.
 The frozen reference is the same model with the adapter disabled: no second copy in memory.
 """
 
@@ -97,12 +100,12 @@ class CrispConfig:
     fluency_every: int = 20
     max_fluency_ratio: float = 2.0
     max_repetition_increase: float | None = 0.15  # over the base model's repeated-3-gram share; None: off
-    unlikelihood_weight: float = 0.0
-    """Weight of a sequence-level unlikelihood term (Welleck et al. 2020; methods/unlikelihood.py) that
-    holds repetition in the objective: each step the adapted model greedily continues the opening words of
-    the forget batch's paragraphs by `unlikelihood_tokens` tokens, and every token of a repeated token
-    `unlikelihood_ngram`-gram gets the loss -log(1 - p), summed over them and divided by the number of
-    generated tokens. 0: off."""
+    unlikelihood_weight: float = 1.0  # chosen on the tune split (docs/robustness.md); 0: off
+    """Weight of the ablation objective's sequence-level unlikelihood term (Welleck et al. 2020;
+    methods/unlikelihood.py), which holds repetition in the objective: each step the adapted model greedily
+    continues the opening words of the forget batch's paragraphs by `unlikelihood_tokens` tokens, and every
+    token of a repeated token `unlikelihood_ngram`-gram gets the loss -log(1 - p), summed over them and
+    divided by the number of generated tokens."""
     unlikelihood_tokens: int = 32
     """Tokens generated per paragraph opening for the unlikelihood term."""
     unlikelihood_ngram: int = 3
@@ -143,6 +146,12 @@ class CrispConfig:
             raise UserError(f"unknown CRISP objective {self.objective!r}", "use published or ablation")
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_r
+
+
+def unlikelihood(cfg: CrispConfig) -> bool:
+    """Whether the run trains the unlikelihood term: the ablation objective's, like the fluency check (the
+    published objective stays the paper's loss)."""
+    return cfg.objective == "ablation" and cfg.unlikelihood_weight > 0
 
 
 def relative_mse(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -247,7 +256,7 @@ class CrispMethod(AdapterMethod):
             sae_forget=True,
             kl_positions=config.retain_kl_positions if config.retain_kl_weight else 0,
             fluency_every=config.fluency_every if config.objective == "ablation" else 0,
-            generated_tokens=config.unlikelihood_tokens if config.unlikelihood_weight > 0 else 0,
+            generated_tokens=config.unlikelihood_tokens if unlikelihood(config) else 0,
             generation_prompt_words=UNLIKELIHOOD_PROMPT_WORDS,
         )
 
@@ -463,7 +472,7 @@ class CrispLoss:
         shares = {"unlearn": unlearn, "retain": retain_loss, "coherence": coherence_loss}
         if kl:
             shares["retain_kl"] = kl_loss
-        if cfg.unlikelihood_weight > 0:
+        if unlikelihood(cfg):
             prompts = [opening_words(text, UNLIKELIHOOD_PROMPT_WORDS) for text in forget_texts]
             repeat_loss, _ = unlikelihood_term(
                 model, loaded.tokenizer, prompts, cfg.unlikelihood_tokens, cfg.unlikelihood_ngram

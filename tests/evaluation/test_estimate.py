@@ -170,7 +170,7 @@ def test_each_methods_work_is_what_it_was_before_the_cost_models_moved(loaded, p
         methods=["crisp", "clamp", "ablate", "rmu", "npo"],
         max_length=64,
         method_options={
-            "crisp": {"steps": 10, "fluency_every": 4},
+            "crisp": {"steps": 10, "fluency_every": 4, "unlikelihood_weight": 0.0},  # the term came later
             "rmu": {"steps": 10},
             "npo": {"steps": 6, "fluency_every": 3},
         },
@@ -225,3 +225,22 @@ def test_crisp_epochs_set_the_estimated_steps(loaded, pack_dir: Path) -> None:
     by_epochs = crisp_work(epochs=2.0, batch_size=4, fluency_every=0)
     assert by_epochs == crisp_work(steps=steps, batch_size=4, fluency_every=0)
     assert by_epochs != crisp_work(batch_size=4, fluency_every=0)  # the default 100 steps
+
+
+def test_crisp_unlikelihood_term_is_costed_as_generation_and_a_pass_over_openings_and_continuations(
+    loaded, pack_dir: Path
+) -> None:
+    pack = load_pack(pack_dir)
+
+    def crisp_work(**options) -> Work:
+        cfg = CompareConfig(
+            methods=["crisp"], max_length=64, method_options={"crisp": {"steps": 10, "batch_size": 2, **options}}
+        )
+        return dict(stage_plan(loaded, _saes(), pack, cfg))["unlearn_crisp"]
+
+    off, on = crisp_work(unlikelihood_weight=0.0), crisp_work(unlikelihood_tokens=8)
+    openings = [" ".join(text.split()[:6]) for text in pack.forget_split("train")]
+    opening_tokens = sum(len(loaded.tokenizer(o).input_ids) for o in openings) / len(openings)
+    assert on.generated_tokens - off.generated_tokens == 10 * 2 * 8
+    assert on.train_tokens - off.train_tokens == pytest.approx(10 * 2 * (8 + opening_tokens))
+    assert on.forward_tokens == off.forward_tokens and on.sae_tokens == off.sae_tokens

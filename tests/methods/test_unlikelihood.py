@@ -89,9 +89,11 @@ def test_crisp_adds_the_weighted_unlikelihood_term_to_its_total(setup, tmp_path:
         )
         return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
-    plain = run("plain")
+    plain = run("plain", unlikelihood_weight=0.0)
     weighted = run("weighted", unlikelihood_weight=2.0, unlikelihood_tokens=16, unlikelihood_ngram=2)
     assert all("unlikelihood" not in r for r in plain)
+    assert all("unlikelihood" in r for r in run("default"))  # on by default
+    assert all("unlikelihood" not in r for r in run("published", objective="published"))  # the paper's loss
     assert weighted[0]["unlearn"] == plain[0]["unlearn"]  # the first forward pass is the same
     first = weighted[0]
     assert first["unlikelihood"] > 0
