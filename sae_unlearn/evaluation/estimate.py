@@ -30,6 +30,7 @@ from sae_unlearn.evaluation.evaluate import GENERIC_TEXT, select_probes
 from sae_unlearn.evaluation.relearning import mixed_precision
 from sae_unlearn.evaluation.scoring import letter_prompt, question_prompt
 from sae_unlearn.methods import METHODS, method_config
+from sae_unlearn.methods.unlikelihood import opening_words
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 from sae_unlearn.models.loading import LoadedModel
@@ -273,7 +274,7 @@ def _method_work(
     )
     if training.generated_tokens:  # continuations of paragraph openings, then read with gradient
         generated = batch * training.generated_tokens
-        openings = [" ".join(text.split()[: training.generation_prompt_words]) for text in forget]
+        openings = [opening_words(text, training.generation_prompt_words) for text in forget]
         read = generated + batch * n.mean(openings, max_length)
         step = step + Work(generated_tokens=generated, train_tokens=read)
     first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
