@@ -14,7 +14,8 @@ Prints, with the targets from the issues:
 - greedy generation with a clamp intervention installed vs the bare model (>= 0.85x tokens/s);
 - feature statistics vs the bare truncated forward in float32 and in bfloat16 (model and SAEs both in
   that dtype, as a run with --dtype gets them), and bfloat16 statistics' time over float32's: on a CPU
-  without bfloat16 instructions the bfloat16 row shows why `auto` computes in float32 there (issue 12).
+  without bfloat16 in hardware the bfloat16 row shows why `auto` computes in float32 there (issue 12;
+  `ONEDNN_MAX_CPU_ISA=AVX2` makes a CPU that has the instructions emulate bfloat16 like one without).
 
     python benchmarks/bench_pipeline.py --rows dtype     # only the dtype rows
     python benchmarks/bench_pipeline.py --device cuda --json OUT/bench.json   # on a GPU (scripts/gpu_check.sh)
@@ -141,11 +142,11 @@ def dtype_rows(
             f"{dtype}: statistics {ids.numel() / t_stats:.0f} tok/s, bare truncated forward {ids.numel() / t_bare:.0f}"
         )
         rows.append((f"feature statistics vs bare truncated forward, {dtype}", 1 / ratio, ">= 0.85"))
-    bf16 = "with" if cpu_supports_bf16() else "WITHOUT"
+    bf16 = "with" if cpu_supports_bf16() else "WITHOUT"  # in hardware: instructions present and used
     where = "GPU" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "CPU"
     rows.append(
         (
-            f"bfloat16 statistics time / float32's ({where}" + (")" if where == "GPU" else f" {bf16} bf16 instr.)"),
+            f"bfloat16 statistics time / float32's ({where}" + (")" if where == "GPU" else f" {bf16} hw bf16)"),
             stats_seconds["bfloat16"] / stats_seconds["float32"],
             "info",
         )

@@ -166,7 +166,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     return t
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -240,7 +240,7 @@ class Reporter:
         if self._bars is not None:
             self._bars.__exit__(exc_type, exc, tb)
         if exc_type is None and self.plain:
-            self._log.info("%s: done in %s", self.title, _clock(time.monotonic() - self._started))
+            self._log.info("%s: done in %s", self.title, clock(time.monotonic() - self._started))
 
     def print_plan(self) -> None:
         """The stage list (with expected minutes where the estimates know them) before anything runs."""
@@ -249,9 +249,9 @@ class Reporter:
         lines = []
         for i, name in enumerate(self.plan, 1):
             estimate = self.estimates.get(name)
-            lines.append(f"  {i:>2}. {name}" + (f"  (~{_clock(estimate)})" if estimate else ""))
+            lines.append(f"  {i:>2}. {name}" + (f"  (~{clock(estimate)})" if estimate else ""))
         known = [self.estimates[n] for n in self.plan if n in self.estimates]
-        total = f", ~{_clock(sum(known))} expected" if len(known) == len(self.plan) else ""
+        total = f", ~{clock(sum(known))} expected" if len(known) == len(self.plan) else ""
         console.print(f"[bold]{self.title}[/]: {len(self.plan)} stages{total}", highlight=False)
         console.print("\n".join(lines), highlight=False, markup=False)
 
@@ -309,16 +309,16 @@ class Reporter:
             parts.append("started")
             estimate = self.estimates.get(self._stage)
             if estimate:
-                parts.append(f"expected ~{_clock(estimate)}")
+                parts.append(f"expected ~{clock(estimate)}")
         else:
             if self._done is not None:
                 counts = f"{self._done}/{self._total}" if self._total else str(self._done)
                 parts.append(counts + (f" ({self._info})" if self._info else ""))
-            parts.append(f"elapsed {_clock(now - self._stage_started)}")
+            parts.append(f"elapsed {clock(now - self._stage_started)}")
             if self._done and self._total and self._done < self._total:
                 rate = (now - self._count_started) / self._done
-                parts.append(f"ETA {_clock(rate * (self._total - self._done))}")
-        parts.append(f"total {_clock(now - self._started)}")
+                parts.append(f"ETA {clock(rate * (self._total - self._done))}")
+        parts.append(f"total {clock(now - self._started)}")
         self._log.info(" · ".join(parts))
         self._last_line = now
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,6 +16,7 @@ from sae_unlearn.cli.common import (
     Reporter,
     check_device,
     check_out_dir,
+    clock,
     console,
     format_terms,
     friendly_errors,
@@ -120,8 +122,26 @@ def _run_experiment(
             progress=lambda step, total, terms: reporter.update(step, total, info=format_terms(terms)),
         )
     print_summary(results["methods"])
+    print_estimate_check(out, results, load_seconds=estimates["load model"])
     stdout.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'} (open it in a browser)")
     return results
+
+
+def print_estimate_check(out: Path, results: dict[str, Any], load_seconds: float) -> None:
+    """The measured stage times beside the estimate printed at the start, kept in OUT/estimate.json "measured"."""
+    from sae_unlearn.evaluation.estimate import estimate_against_measured, measured_stage_seconds
+    from sae_unlearn.io import atomic_write_json
+
+    saved = json.loads((out / "estimate.json").read_text(encoding="utf-8"))
+    measured = measured_stage_seconds(results) | {"load_model": load_seconds}
+    check = estimate_against_measured(saved["stages"] | {"load_model": load_seconds}, measured)
+    atomic_write_json(out / "estimate.json", saved | {"measured": check})
+    if check["total"]:
+        total = check["total"]
+        stdout.print(
+            f"time: {clock(total['measured'])} against ~{clock(total['estimated'])} estimated "
+            f"(measured / estimated {total['ratio']:.2f}; per stage in {out / 'estimate.json'})"
+        )
 
 
 MethodsOpt = Annotated[

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -427,4 +427,25 @@ def estimate_to_dict(stages: Sequence[StageEstimate], rates: Throughput) -> dict
         "total_seconds": round(sum(s.seconds for s in stages), 1),
         "throughput_per_second": asdict(rates),
         "work": {s.stage: {k: round(v) for k, v in asdict(s.work).items() if v} for s in stages},
+    }
+
+
+def measured_stage_seconds(results: Mapping[str, Any]) -> dict[str, float]:
+    """Each stage's seconds in a `compare` / `demo` results.json, named as the estimate names its stages."""
+    seconds = {stage: float(s) for stage, s in results["seconds"].items() if stage != "total"}
+    return seconds | {f"evaluate_{name}": float(m["seconds"]) for name, m in results["methods"].items()}
+
+
+def estimate_against_measured(estimated: Mapping[str, float], measured: Mapping[str, float]) -> dict[str, Any]:
+    """Per stage and in all, the estimated and measured seconds and measured / estimated (1.25: 25% over
+    the estimate); stages without work in the estimate (clamp's and ablate's "training") are left out."""
+
+    def row(e: float, m: float) -> dict[str, float]:
+        return {"estimated": round(e, 1), "measured": round(m, 1), "ratio": round(m / e, 3)}
+
+    common = [stage for stage, e in estimated.items() if e > 0 and stage in measured]
+    total_e, total_m = sum(estimated[s] for s in common), sum(measured[s] for s in common)
+    return {
+        "stages": {stage: row(estimated[stage], measured[stage]) for stage in common},
+        "total": row(total_e, total_m) if common else None,
     }

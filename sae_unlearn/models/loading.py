@@ -8,6 +8,7 @@ safetensors under the cache dir (SAE_UNLEARN_CACHE), so later loads take seconds
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -149,14 +150,53 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions; without them torch emulates bfloat16 matrix products,
-    far slower than float32 ones."""
+BF16_EMULATED_RATIO = 4.0  # bfloat16 over float32 time of one product: ~0.4 in hardware, ~90 emulated
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether the CPU advertises bfloat16 instructions (avx512_bf16 or amx_bf16)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_over_f32_product_time() -> float:
+    """bfloat16 over float32 time of one [64 x 640] x [640 x 1024] product on one thread (best of two
+    after a warm-up): the instructions can exist and still go unused (ONEDNN_MAX_CPU_ISA, a torch build
+    without oneDNN), and then torch emulates bfloat16 at about 90x float32's time."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 640, generator=generator), torch.randn(640, 1024, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+
+        def best(x: torch.Tensor, y: torch.Tensor) -> float:
+            x @ y
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                x @ y
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        return best(a.bfloat16(), b.bfloat16()) / best(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products in hardware: it has the instructions and torch uses
+    them (a product timed once per process). Without them torch emulates bfloat16, far slower than float32."""
+    if not cpu_has_bf16_instructions():
+        return False
+    ratio = bf16_over_f32_product_time()
+    if ratio >= BF16_EMULATED_RATIO:
+        log.info("the CPU has bfloat16 instructions but a bfloat16 product took %.0fx float32's: emulated", ratio)
+        return False
+    return True
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -201,8 +241,8 @@ def decide_compute_dtype(dtype: str | None, device: torch.device) -> ComputeDtyp
                 return ComputeDtype(torch.bfloat16, "auto: cuda with bfloat16")
             return ComputeDtype(torch.float32, "auto: cuda without bfloat16")
         if bf16_is_fast(device):
-            return ComputeDtype(torch.bfloat16, "auto: cpu with bfloat16 instructions")
-        return ComputeDtype(torch.float32, "auto: cpu without bfloat16 instructions (torch would emulate it)")
+            return ComputeDtype(torch.bfloat16, "auto: cpu with bfloat16 in hardware")
+        return ComputeDtype(torch.float32, "auto: cpu without bfloat16 in hardware (torch would emulate it)")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", "use auto, float32 or bfloat16")
     chosen = DTYPES[dtype]

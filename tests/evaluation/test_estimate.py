@@ -11,7 +11,15 @@ import torch
 
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.evaluation.compare import CompareConfig
-from sae_unlearn.evaluation.estimate import Throughput, Work, estimate, probe_throughput, stage_plan
+from sae_unlearn.evaluation.estimate import (
+    Throughput,
+    Work,
+    estimate,
+    estimate_against_measured,
+    measured_stage_seconds,
+    probe_throughput,
+    stage_plan,
+)
 from sae_unlearn.evaluation.evaluate import EvalConfig
 from sae_unlearn.saes.loading import LoadedSAE
 from tests.conftest import tiny_sae
@@ -140,6 +148,41 @@ def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Pat
     assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
     assert saved["compute_dtype"]["dtype"] == "float32"
     assert saved["throughput_per_second"]["forward_tokens"] > 0
+
+
+def test_estimate_is_checked_against_the_measured_stage_times(tmp_path: Path) -> None:
+    import json
+
+    from sae_unlearn.cli.experiment import print_estimate_check
+
+    results = {
+        "seconds": {"feature_selection": 30.0, "unlearn_crisp": 300.0, "unlearn_clamp": 0.0, "total": 999.0},
+        "methods": {"base": {"seconds": 100.0}, "crisp": {"seconds": 50.0}, "clamp": {"seconds": 20.0}},
+    }
+    measured = measured_stage_seconds(results)
+    assert measured == {
+        "feature_selection": 30.0,
+        "unlearn_crisp": 300.0,
+        "unlearn_clamp": 0.0,
+        "evaluate_base": 100.0,
+        "evaluate_crisp": 50.0,
+        "evaluate_clamp": 20.0,
+    }
+    estimated = {"feature_selection": 20.0, "evaluate_base": 100.0, "unlearn_crisp": 400.0, "unlearn_clamp": 0.0}
+    check = estimate_against_measured(estimated, measured)
+    assert list(check["stages"]) == ["feature_selection", "evaluate_base", "unlearn_crisp"]  # clamp: no work
+    assert check["stages"]["feature_selection"] == {"estimated": 20.0, "measured": 30.0, "ratio": 1.5}
+    assert check["total"] == {"estimated": 520.0, "measured": 430.0, "ratio": pytest.approx(430 / 520, abs=1e-3)}
+    assert estimate_against_measured({}, measured)["total"] is None
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "estimate.json").write_text(json.dumps({"stages": estimated, "total_seconds": 520.0}))
+    print_estimate_check(out, results, load_seconds=5.0)
+    saved = json.loads((out / "estimate.json").read_text())
+    assert saved["stages"] == estimated and saved["total_seconds"] == 520.0  # the estimate itself is kept
+    assert saved["measured"]["stages"]["load_model"]["ratio"] == 1.0
+    assert saved["measured"]["total"]["measured"] == 435.0
 
 
 # The work of each method's stages on the tiny set-up, as computed before the methods' cost models moved

@@ -110,3 +110,7 @@ def test_demo_fast_end_to_end(cache_env, tmp_path: Path) -> None:
     from sae_unlearn.evaluation.experiment import load_experiment
 
     assert results["experiment"] == load_experiment("demo-fast").to_dict()
+    # the estimate printed at the start, beside the measured times at the end
+    check = json.loads((out / "estimate.json").read_text())["measured"]
+    assert {"feature_selection", "unlearn_crisp", "evaluate_base"} <= set(check["stages"])
+    assert check["total"]["measured"] > 0 and "measured / estimated" in res.stdout

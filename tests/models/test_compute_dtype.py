@@ -7,6 +7,10 @@ no dimension of the tiny model has, and recorded at the aten level, so every mat
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,40 @@ def test_decision_follows_cpu_capability_and_dtype_option(monkeypatch: pytest.Mo
     assert forced.dtype == torch.float32 and forced.reason == "--dtype float32"
     with pytest.raises(UserError, match="unknown dtype"):
         decide_compute_dtype("int8", cpu)
+
+
+def test_bf16_counts_only_when_the_instructions_exist_and_run_in_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[float] = []
+
+    def ratio(value: float) -> Any:
+        def measure() -> float:
+            timed.append(value)
+            return value
+
+        return measure
+
+    monkeypatch.setattr(loading, "cpu_has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(loading, "bf16_over_f32_product_time", ratio(0.4))
+    loading.cpu_supports_bf16.cache_clear()
+    assert loading.cpu_supports_bf16() is False and timed == []  # no instructions: nothing timed
+    monkeypatch.setattr(loading, "cpu_has_bf16_instructions", lambda: True)
+    loading.cpu_supports_bf16.cache_clear()
+    assert loading.cpu_supports_bf16() is True and timed == [0.4]
+    assert loading.cpu_supports_bf16() is True and timed == [0.4]  # timed once per process
+    monkeypatch.setattr(loading, "bf16_over_f32_product_time", ratio(90.0))  # instructions unused: emulated
+    loading.cpu_supports_bf16.cache_clear()
+    assert loading.cpu_supports_bf16() is False
+    assert decide_compute_dtype("auto", torch.device("cpu")).dtype == torch.float32
+    loading.cpu_supports_bf16.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 is an x86 setting")
+def test_product_timing_sees_emulated_bf16_when_onednn_is_limited_to_avx2() -> None:
+    """With oneDNN limited to AVX2 no x86 CPU runs bfloat16 products in hardware: the timing must say so."""
+    code = "from sae_unlearn.models.loading import bf16_over_f32_product_time as r; print(r())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) >= loading.BF16_EMULATED_RATIO
 
 
 @pytest.fixture
