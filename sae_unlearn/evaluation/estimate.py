@@ -6,7 +6,7 @@ The work model counts, per stage, what the code paths in features/, methods/ and
     lm_head rows        positions whose logits are computed (Gemma 3's 262k-row lm_head dominates them)
     SAE tokens          tokens passed through every loaded SAE's encoder (statistics, hooks, re-activation)
     train tokens        forward + backward through the body with a hidden-state loss (CRISP, RMU)
-    LM train tokens     LoRA forward + backward with a next-token loss (NPO)
+    LM train tokens     LoRA forward + backward with NPO's next-token loss (chunked, checkpointed lm_head)
     attack tokens       the relearning attacks' training and forward tokens, on their float32 copies
     generated tokens    greedy decoding steps times the batch (fluency samples and checks)
 Token counts come from tokenizing the pack's texts with the run's truncation lengths, so they follow
@@ -30,7 +30,9 @@ from sae_unlearn.evaluation.evaluate import GENERIC_TEXT, select_probes
 from sae_unlearn.evaluation.relearning import mixed_precision
 from sae_unlearn.evaluation.scoring import letter_prompt, question_prompt
 from sae_unlearn.methods import METHODS, method_config
+from sae_unlearn.methods.npo import token_logprobs
 from sae_unlearn.methods.unlikelihood import opening_words
+from sae_unlearn.models.batch import Batch
 from sae_unlearn.models.generation import generate
 from sae_unlearn.models.hooks import decoder_body, lm_head_logits
 from sae_unlearn.models.loading import LoadedModel
@@ -158,14 +160,15 @@ def probe_throughput(
         )
     lora = _lora_copy(loaded)
     lora_body = decoder_body(lora)
+    batch = Batch(ids, mask, torch.ones_like(ids, dtype=torch.bool))
 
     def train_step() -> None:
         out = lora_body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         out.float().pow(2).mean().backward()
 
-    def lm_train_step() -> None:
-        logits = lora(input_ids=ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    def lm_train_step() -> None:  # NPO's loss path: the lm_head in chunks under activation checkpointing
+        logp, _ = token_logprobs(lora, batch)
+        (-logp.mean()).backward()
 
     train_rate = _rate(train_step, tokens, budget_s)
     lm_train_rate = _rate(lm_train_step, tokens, budget_s)
