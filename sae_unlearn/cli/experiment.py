@@ -99,8 +99,15 @@ def stage_estimates(loaded: Any, experiment: Experiment, out: Path) -> dict[str,
 
 
 def _run_experiment(
-    out: Path, experiment: Experiment, *, title: str, overwrite: bool, dtype: str, device: str
-) -> dict[str, Any]:
+    out: Path,
+    experiment: Experiment,
+    *,
+    title: str,
+    overwrite: bool,
+    dtype: str,
+    device: str,
+    estimate_only: bool = False,
+) -> dict[str, Any] | None:
     from sae_unlearn.evaluation.experiment import run_experiment
     from sae_unlearn.models import load_model
 
@@ -113,6 +120,9 @@ def _run_experiment(
     estimates = {"load model": time.perf_counter() - started, **stage_estimates(loaded, experiment, out)}
     reporter = Reporter(title, experiment.stage_plan(), estimates=estimates)
     reporter.print_plan()
+    if estimate_only:
+        stdout.print(f"estimate only: nothing run; per stage in {out / 'estimate.json'}")
+        return None
     with reporter:
         results = run_experiment(
             experiment,
@@ -164,6 +174,11 @@ AttackOpt = Annotated[
 ]
 
 
+EstimateOnlyOpt = Annotated[
+    bool, typer.Option(help="print the measured time estimate per stage (and write OUT/estimate.json), run nothing")
+]
+
+
 ConfigOpt = Annotated[
     str | None,
     typer.Option(
@@ -193,13 +208,16 @@ def compare_cmd(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    estimate_only: EstimateOnlyOpt = False,
 ) -> None:
     """Run several methods on one concept pack and evaluate them beside the base model."""
     overrides = experiment_overrides(
         concept=concept, model=model, sae=sae, methods=methods, k=k, strategy=strategy, attack=attack, set_=set_
     )
     experiment = load_cli_experiment(config, fast, overrides)
-    _run_experiment(out, experiment, title="compare", overwrite=overwrite, dtype=dtype, device=device)
+    _run_experiment(
+        out, experiment, title="compare", overwrite=overwrite, dtype=dtype, device=device, estimate_only=estimate_only
+    )
 
 
 @app.command()
@@ -213,6 +231,7 @@ def demo(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    estimate_only: EstimateOnlyOpt = False,
 ) -> None:
     """compare on the embedded model with the built-in harry-potter pack and the shipped SAEs
     (the built-in experiment demo, or demo-fast with --fast); prints a measured time estimate per stage."""
@@ -223,4 +242,6 @@ def demo(
         f"[bold]sae-unlearn demo[/]: {experiment.model}, concept {experiment.concept}, "
         f"methods {','.join(experiment.compare.methods)}"
     )
-    _run_experiment(out, experiment, title="demo", overwrite=overwrite, dtype=dtype, device=device)
+    _run_experiment(
+        out, experiment, title="demo", overwrite=overwrite, dtype=dtype, device=device, estimate_only=estimate_only
+    )

@@ -221,3 +221,17 @@ def test_python_and_cli_compare_write_the_same_results(
     from_python = json.loads((tmp_path / "python" / "cli" / "results.json").read_text())
     assert from_cli["experiment"] == experiment.to_dict()
     assert _stable(from_cli) == _stable(from_python)
+
+
+def test_estimate_only_prints_the_plan_and_runs_nothing(
+    model_dir: Path, sae_dir: Path, pack_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["compare", "--model", str(model_dir), "--sae", str(sae_dir), "--concept", str(pack_dir)]
+    args += ["--methods", "crisp,npo", "--fast", "--dtype", "float32", "--estimate-only", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "compare: 7 stages" in result.output and "estimate only: nothing run" in result.output
+    saved = json.loads((out / "estimate.json").read_text())
+    assert saved["stages"]["unlearn_npo"] > 0 and saved["compute_dtype"]["dtype"] == "float32"
+    assert sorted(p.name for p in out.iterdir()) == ["estimate.json"]  # no results, runs or features
