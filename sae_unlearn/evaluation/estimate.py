@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -97,16 +98,16 @@ class StageEstimate:
 # -- throughput probe ---------------------------------------------------------------------------------
 
 
-def _rate(fn: Callable[[], Any], units: float, budget_s: float) -> float:
-    """units / second of `fn`: one untimed warm-up call, then calls until `budget_s` has passed."""
+def _rate(fn: Callable[[], Any], units: float, budget_s: float, min_calls: int = 3) -> float:
+    """units / second of `fn`: one untimed warm-up call, then at least `min_calls` timed calls and until
+    `budget_s` has passed; the median call counts, so one preempted or slow first call does not decide."""
     fn()
-    calls, start = 0, time.perf_counter()
-    while True:
+    times, start = [], time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < budget_s:
+        call = time.perf_counter()
         fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget_s:
-            return units * calls / elapsed
+        times.append(time.perf_counter() - call)
+    return units / statistics.median(times)
 
 
 def _lora_copy(loaded: LoadedModel, dtype: torch.dtype | None = None) -> Any:

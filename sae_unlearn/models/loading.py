@@ -163,9 +163,9 @@ def cpu_has_bf16_instructions() -> bool:
 
 
 def bf16_over_f32_product_time() -> float:
-    """bfloat16 over float32 time of one [64 x 640] x [640 x 1024] product on one thread (best of two
-    after a warm-up): the instructions can exist and still go unused (ONEDNN_MAX_CPU_ISA, a torch build
-    without oneDNN), and then torch emulates bfloat16 at about 90x float32's time."""
+    """bfloat16 over float32 time of one [64 x 640] x [640 x 1024] product on one thread (best of five after
+    a warm-up, so one preempted call does not decide): the instructions can exist and still go unused
+    (ONEDNN_MAX_CPU_ISA, a torch build without oneDNN), and then torch emulates bfloat16 at ~90x float32's time."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 640, generator=generator), torch.randn(640, 1024, generator=generator)
     threads = torch.get_num_threads()
@@ -175,7 +175,7 @@ def bf16_over_f32_product_time() -> float:
         def best(x: torch.Tensor, y: torch.Tensor) -> float:
             x @ y
             times = []
-            for _ in range(2):
+            for _ in range(5):
                 start = time.perf_counter()
                 x @ y
                 times.append(time.perf_counter() - start)
