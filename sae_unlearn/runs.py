@@ -5,7 +5,7 @@
     RUN_DIR/adapter/         PEFT adapter (crisp, npo)       -- or --
     RUN_DIR/rmu_weights.safetensors  the updated parameters (rmu)  -- or --
     RUN_DIR/intervention.json  SAE edits (clamp, ablate)
-    RUN_DIR/train_log.jsonl  one JSON object per logged step (persistent methods)
+    RUN_DIR/train_log.jsonl  one JSON object per step (persistent methods): its loss terms and "seconds"
 No pickles: everything is JSON or safetensors.
 """
 

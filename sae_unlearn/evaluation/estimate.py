@@ -7,7 +7,8 @@ The work model counts, per stage, what the code paths in features/, methods/ and
     SAE tokens          tokens passed through every loaded SAE's encoder (statistics, hooks, re-activation)
     train tokens        forward + backward through the body with a hidden-state loss (CRISP, RMU)
     LM train tokens     LoRA forward + backward with NPO's next-token loss (chunked, checkpointed lm_head)
-    attack tokens       the relearning attacks' training and forward tokens, on their float32 copies
+    attack tokens       the relearning attacks' training tokens (LoRA and full fine-tunes apart, each batch
+                        padded to its longest text) and forward tokens, on their float32 copies
     generated tokens    greedy decoding steps times the batch (fluency samples and checks)
 Token counts come from tokenizing the pack's texts with the run's truncation lengths, so they follow
 every setting (steps, batch sizes, max lengths, probe counts, attacks); nothing is a fixed constant.
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,8 +32,10 @@ import torch
 from sae_unlearn.concepts.pack import ConceptPack, Probe
 from sae_unlearn.evaluation.adversarial import adversarial_probes
 from sae_unlearn.evaluation.evaluate import GENERIC_TEXT, select_probes
-from sae_unlearn.evaluation.relearning import mixed_precision
+from sae_unlearn.evaluation.relearning import Attack, attack_step, attacked_copy, trainable_for_attack
 from sae_unlearn.evaluation.scoring import letter_prompt, question_prompt
+from sae_unlearn.features import FeatureSelection, SelectedFeature
+from sae_unlearn.features.statistics import stats_cache_path
 from sae_unlearn.methods import METHODS, method_config
 from sae_unlearn.methods.npo import token_logprobs
 from sae_unlearn.methods.unlikelihood import opening_words
@@ -46,6 +52,7 @@ PROBE_BATCH, PROBE_LENGTH = 2, 128  # the stages' sequence length; a small batch
 PPL_MAX_LENGTH = 256  # text_metrics.perplexity and feature_levels read this many tokens per text
 LETTER_PERMUTATIONS = 4  # evaluation.scoring.letter_choices: cyclic rotations of the options
 FLUENCY_CHECK_TOKENS = 32  # methods.fluency_check.FluencyCheck
+TIMED_STEPS = range(1, 3)  # the training steps timed (the first one pays one-time costs, so is left out)
 
 
 @dataclass
@@ -59,10 +66,14 @@ class Throughput:
     lm_train_tokens: float
     generated_tokens: float
     attack_train_tokens: float = math.inf
+    full_attack_train_tokens: float = math.inf
     attack_forward_tokens: float = math.inf
     dtype: str = ""
     device: str = ""
     probe_seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds per optimizer step of each training stage, timed on the method's own training (steps
+    `TIMED_STEPS` of a short run); such a stage is estimated from it rather than from the token rates."""
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Work:
     lm_train_tokens: float = 0.0
     generated_tokens: float = 0.0
     attack_train_tokens: float = 0.0
+    full_attack_train_tokens: float = 0.0
     attack_forward_tokens: float = 0.0
 
     def __add__(self, other: Work) -> Work:
@@ -86,6 +98,32 @@ class Work:
 
     def seconds(self, rates: Throughput) -> float:
         return sum(getattr(self, f.name) / getattr(rates, f.name) for f in fields(self) if getattr(self, f.name))
+
+
+@dataclass
+class TrainingPlan:
+    """A training stage: `steps` optimizer steps of `step` work, the frozen model's `frozen` work added to
+    each of the first `frozen_steps` (its states are cached after them), and `rest` (fluency checks)."""
+
+    steps: int
+    step: Work
+    frozen: Work
+    frozen_steps: int
+    rest: Work
+
+    @property
+    def work(self) -> Work:
+        return self.step * self.steps + self.frozen * self.frozen_steps + self.rest
+
+    def seconds(self, rates: Throughput, step_seconds: float | None = None) -> float:
+        """At the token rates, or with each step taking `step_seconds` as timed at steps `TIMED_STEPS` (the
+        frozen work in them taken out and added back where the plan has it)."""
+        if step_seconds is None:
+            return self.work.seconds(rates)
+        frozen = self.frozen.seconds(rates)
+        in_timed = sum(i < self.frozen_steps for i in TIMED_STEPS) / len(TIMED_STEPS)
+        bare = max(0.0, step_seconds - frozen * in_timed)
+        return bare * self.steps + frozen * self.frozen_steps + self.rest.seconds(rates)
 
 
 @dataclass
@@ -110,27 +148,78 @@ def _rate(fn: Callable[[], Any], units: float, budget_s: float, min_calls: int =
     return units / statistics.median(times)
 
 
-def _lora_copy(loaded: LoadedModel, dtype: torch.dtype | None = None) -> Any:
+def _lora_copy(loaded: LoadedModel) -> Any:
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(loaded.model)
-    if dtype is not None:
-        model = model.to(dtype)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     targets = sorted(n for n in names if n.endswith(("proj", "c_attn", "c_proj", "c_fc")) and n != "lm_head")
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)).train()
 
 
-def probe_throughput(
+def _train_rates(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, budget_s: float) -> tuple[float, float]:
+    """Tokens per second of a LoRA step with a hidden-state loss and with NPO's next-token loss, on a copy."""
+    lora = _lora_copy(loaded)
+    lora_body = decoder_body(lora)
+    batch = Batch(ids, mask, torch.ones_like(ids, dtype=torch.bool))
+
+    def train_step() -> None:
+        out = lora_body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        out.float().pow(2).mean().backward()
+
+    def lm_train_step() -> None:  # NPO's loss path: the lm_head in chunks under activation checkpointing
+        logp, _ = token_logprobs(lora, batch)
+        (-logp.mean()).backward()
+
+    return _rate(train_step, ids.numel(), budget_s), _rate(lm_train_step, ids.numel(), budget_s)
+
+
+@dataclass
+class AttackProbe:
+    """The relearning attacks to time: the grid's first attack of each kind (LoRA, full fine-tune), each on
+    its own texts, on copies in `dtype` under `autocast` (relearning.attacked_copy)."""
+
+    attacks: list[tuple[Attack, list[str]]]
+    dtype: str = "float32"
+    autocast: str = "auto"
+
+
+def _timed_steps(step: Callable[[], Any]) -> list[float]:
+    """Seconds of steps `TIMED_STEPS` of `step` called in order (step 0 pays the one-time costs)."""
+    stamps = [time.perf_counter()]
+    for _ in range(max(TIMED_STEPS) + 1):
+        step()
+        stamps.append(time.perf_counter())
+    return [stamps[i + 1] - stamps[i] for i in TIMED_STEPS]
+
+
+def _attack_rates(
     loaded: LoadedModel,
-    saes: Sequence[LoadedSAE],
-    budget_s: float = 0.4,
-    attack_dtype: str | None = None,
-    attack_autocast: torch.dtype | None = None,
+    attack: Attack,
+    texts: Sequence[str],
+    probe: AttackProbe,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    budget_s: float,
+) -> tuple[float, float]:
+    """(padded tokens per second of `attack`'s own steps on `texts`, eval forward tokens per second) on a
+    copy made as the attacks make it."""
+    with torch.random.fork_rng(devices=[]), attacked_copy(loaded, None, probe.dtype, probe.autocast) as base:
+        model, opt = trainable_for_attack(base, attack)
+        rng, read = random.Random(0), []
+        seconds = _timed_steps(lambda: read.append(attack_step(model, opt, loaded.tokenizer, texts, attack, rng)))
+        model.eval()
+        with torch.no_grad():
+            forward_rate = _rate(lambda: model(input_ids=ids, attention_mask=mask).logits, ids.numel(), budget_s)
+    return sum(read[i] for i in TIMED_STEPS) / sum(seconds), forward_rate
+
+
+def probe_throughput(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], budget_s: float = 0.4, attack: AttackProbe | None = None
 ) -> Throughput:
-    """Measure each rate on the run's own model and SAEs (a few seconds in all; the model is not changed).
-    `attack_dtype`: the relearning attacks' copy dtype, when they run (their steps are timed on such a copy,
-    under `attack_autocast` as the attacks run)."""
+    """Measure each rate on the run's own model and SAEs (seconds in all; the model is not changed). With
+    `attack`, its training rate comes from real attack steps (evaluation/relearning.py's `attack_step` on a
+    copy made as the attacks make it, its texts padded as they are) and its forward rate from that copy."""
     started = time.perf_counter()
     device = loaded.device
     vocab = int(loaded.model.config.get_text_config().vocab_size)
@@ -159,33 +248,13 @@ def probe_throughput(
             len(prompts) * new_tokens,
             budget_s,
         )
-    lora = _lora_copy(loaded)
-    lora_body = decoder_body(lora)
-    batch = Batch(ids, mask, torch.ones_like(ids, dtype=torch.bool))
-
-    def train_step() -> None:
-        out = lora_body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        out.float().pow(2).mean().backward()
-
-    def lm_train_step() -> None:  # NPO's loss path: the lm_head in chunks under activation checkpointing
-        logp, _ = token_logprobs(lora, batch)
-        (-logp.mean()).backward()
-
-    train_rate = _rate(train_step, tokens, budget_s)
-    lm_train_rate = _rate(lm_train_step, tokens, budget_s)
-    attack_train_rate = attack_forward_rate = lm_train_rate
-    if attack_dtype is not None:
-        attack = _lora_copy(loaded, getattr(torch, attack_dtype))
-
-        def attack_step() -> None:
-            logits = attack(input_ids=ids, attention_mask=mask).logits
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-
-        with mixed_precision(device.type, attack_autocast):
-            attack_train_rate = _rate(attack_step, tokens, budget_s)
-            with torch.no_grad():
-                attack_forward_rate = _rate(lambda: attack(input_ids=ids, attention_mask=mask).logits, tokens, budget_s)
-        del attack
+    train_rate, lm_train_rate = _train_rates(loaded, ids, mask, budget_s)
+    attack_rates = (
+        {a.kind: _attack_rates(loaded, a, texts, attack, ids, mask, budget_s) for a, texts in attack.attacks}
+        if attack
+        else {}
+    )
+    attack_forward_rate = next(iter(attack_rates.values()), (math.inf, math.inf))[1]
     return Throughput(
         forward_tokens=forward_rate,
         lm_head_rows=lm_head_rate,
@@ -193,12 +262,53 @@ def probe_throughput(
         train_tokens=train_rate,
         lm_train_tokens=lm_train_rate,
         generated_tokens=generation_rate,
-        attack_train_tokens=attack_train_rate,
+        attack_train_tokens=attack_rates.get("lora", (math.inf,))[0],
+        full_attack_train_tokens=attack_rates.get("full", (math.inf,))[0],
         attack_forward_tokens=attack_forward_rate,
         dtype=str(loaded.dtype).removeprefix("torch."),
         device=str(device),
         probe_seconds=round(time.perf_counter() - started, 1),
     )
+
+
+def _probe_features(saes: Sequence[LoadedSAE], per_layer: int, concept: str) -> FeatureSelection:
+    """`per_layer` latents on every loaded SAE: a stand-in for the selection the run will make (a step's
+    cost does not depend on which latents it suppresses)."""
+    chosen = [
+        SelectedFeature(s.layer, i, 0.0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        for s in saes
+        for i in range(min(per_layer, int(s.sae.W_enc.shape[1])))
+    ]
+    return FeatureSelection("", "", [], concept, "", "time estimate", {}, {}, "", chosen)
+
+
+def method_step_seconds(
+    method: str,
+    options: dict[str, Any],
+    loaded: LoadedModel,
+    pack: ConceptPack,
+    saes: Sequence[LoadedSAE],
+    features_per_layer: int,
+) -> float:
+    """Seconds per optimizer step of `method`'s own training under `options`: its `run` for a few steps into
+    a temporary directory (no fluency checks or checkpoints), timed at steps `TIMED_STEPS` by its progress
+    callback. `run` leaves the model as it found it, and the global RNG is restored after it."""
+    from sae_unlearn.methods.base import MethodContext
+
+    cfg = method_config(method, options)
+    short = {"steps": max(TIMED_STEPS) + 1, "epochs": None, "fluency_every": 0, "checkpoint_every": 0}
+    cfg = replace(cfg, **{k: v for k, v in short.items() if hasattr(cfg, k)})
+    features = _probe_features(saes, features_per_layer, pack.name) if METHODS[method].needs_saes else None
+    stamps: dict[int, float] = {}
+
+    def progress(step: int, steps: int, terms: dict[str, float]) -> None:
+        stamps[step] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        ctx = MethodContext(loaded, pack, Path(tmp), saes=list(saes), features=features, progress=progress)
+        METHODS[method](cfg).run(ctx)
+    # progress(k) is called after step k-1 (0-based) ends: step i ran between progress(i) and progress(i+1)
+    return statistics.median(stamps[i + 1] - stamps[i] for i in TIMED_STEPS)
 
 
 # -- stage plan ---------------------------------------------------------------------------------------
@@ -258,12 +368,13 @@ def _statistics_work(texts: Sequence[str], n: _Lengths, max_length: int, trunk: 
     return Work(forward_tokens=tokens * trunk, sae_tokens=tokens)
 
 
-def _method_work(
+def _training_plan(
     method: str, options: dict[str, Any], loaded: LoadedModel, pack: ConceptPack, n: _Lengths, trunk: float
-) -> Work:
+) -> TrainingPlan | None:
+    """What `method`'s `run` trains under `options`; None for an intervention (it only writes its artifact)."""
     training = METHODS[method].training_work(method_config(method, options), loaded, pack)
     if training is None:
-        return Work()  # an intervention only writes its artifact
+        return None
     forget, retain = pack.forget_split("train"), pack.retain_split("train")
     steps, batch, max_length = int(training.steps), int(training.batch_size), int(training.max_length)
     forget_batch = batch * n.mean(forget, max_length)
@@ -283,18 +394,18 @@ def _method_work(
         step = step + Work(generated_tokens=generated, train_tokens=read)
     first_epoch = min(steps, max(1, len(forget) // batch))  # the frozen states cached after it
     if training.frozen_states == "retain_each_step":
-        frozen = Work(forward_tokens=steps * retain_batch * training.depth)
+        frozen, frozen_steps = Work(forward_tokens=retain_batch * training.depth), steps
     elif training.frozen_states == "forget_logprobs_first_epoch":
-        frozen = Work(forward_tokens=forget_batch, lm_head_rows=forget_batch) * first_epoch
+        frozen, frozen_steps = Work(forward_tokens=forget_batch, lm_head_rows=forget_batch), first_epoch
     else:  # FrozenReference
-        frozen = Work(forward_tokens=(forget_batch + retain_batch) * trunk + coherence) * first_epoch
-    work = step * steps + frozen
+        frozen, frozen_steps = Work(forward_tokens=(forget_batch + retain_batch) * trunk + coherence), first_epoch
+    rest = Work()
     if training.fluency_every:
         checks = steps // training.fluency_every + 1  # one for the base model's own continuations
         prompts = pack.prompt_split("tune")
         check = _generation_work(prompts, FLUENCY_CHECK_TOKENS) + _fluency_work(prompts, FLUENCY_CHECK_TOKENS, n)
-        work = work + check * checks
-    return work
+        rest = check * checks
+    return TrainingPlan(steps, step, frozen, frozen_steps, rest)
 
 
 def _evaluation_work(
@@ -337,36 +448,59 @@ def _evaluation_work(
     return work
 
 
-def _relearning_work(pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfig, n: _Lengths) -> Work:
-    """The fact-disjoint attacks (evaluation/relearning.py) on one model: every attack of the grid, each
-    measured at its eval steps on the scored half and the generic perplexity texts. The base model's
-    curves double as the methods' controls (computed once per compare, in the base evaluation)."""
+def padded_batch_tokens(lengths: Sequence[int], batch: int) -> float:
+    """Expected tokens of a batch of `batch` texts drawn without replacement and padded to the longest: the
+    k-th shortest is the longest with probability C(k-1, b-1) / C(N, b)."""
+    ordered, b = sorted(lengths), min(batch, len(lengths))
+    expected_max = sum(n * math.comb(k, b - 1) for k, n in enumerate(ordered)) / math.comb(len(ordered), b)
+    return b * expected_max
+
+
+def _attack_split(pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfig) -> tuple[Any, Any, list[str]]:
+    """(relearn config, fact-disjoint split, perplexity texts) as evaluation/relearning.py builds them."""
     from sae_unlearn.evaluation.evaluate import relearn_config
     from sae_unlearn.evaluation.relearning import fact_disjoint_split, generic_texts
 
     rcfg = relearn_config(cfg.eval)
     generic = generic_texts()
-    ppl_texts = generic[: rcfg.ppl_texts]
     heldout = set(pack.forget_split("heldout"))
     control = generic[rcfg.ppl_texts :][-rcfg.generic_examples :] if rcfg.generic_examples else []
     split = fact_disjoint_split(
         pack.probes_in("target"), [t for t in pack.forget if t not in heldout], targets, control
     )
+    return rcfg, split, generic[: rcfg.ppl_texts]
+
+
+def _relearning_work(pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfig, n: _Lengths) -> Work:
+    """The fact-disjoint attacks (evaluation/relearning.py) on one model: every attack of the grid, each
+    measured at its eval steps on the scored half and the generic perplexity texts. The base model's
+    curves double as the methods' controls (computed once per compare, in the base evaluation). A training
+    step reads its batch padded to the longest text in it."""
+    rcfg, split, ppl_texts = _attack_split(pack, targets, cfg)
     measure = _logprob_work(split.scored, n) + _ppl_work(ppl_texts, n)
     work = Work()
     for attack in rcfg.attacks:
         texts = split.texts(attack.text)
         if not texts or not split.scored:
             continue
-        steps = max(attack.eval_at)
-        per_step = min(attack.batch_size, len(texts)) * n.mean(texts, attack.max_length)
-        points = len(attack.eval_at)
+        trained = attack.steps * padded_batch_tokens([n(t, attack.max_length) for t in texts], attack.batch_size)
         one = Work(
-            attack_train_tokens=steps * per_step,
-            attack_forward_tokens=points * measure.forward_tokens,  # its rate is timed with full logits
+            attack_train_tokens=trained if attack.kind == "lora" else 0.0,
+            full_attack_train_tokens=trained if attack.kind == "full" else 0.0,
+            attack_forward_tokens=len(attack.eval_at) * measure.forward_tokens,  # its rate is timed with full logits
         )
         work += one * len(rcfg.seeds)
     return work
+
+
+def training_plans(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], pack: ConceptPack, cfg: CompareConfig
+) -> dict[str, TrainingPlan]:
+    """The training stages of `compare(cfg)` (named as in `stage_plan`) and what each trains."""
+    n = _Lengths(loaded.tokenizer)
+    trunk = (max(s.layer for s in saes) + 1) / loaded.n_layers if saes else 1.0
+    plans = {m: _training_plan(m, cfg.method_options.get(m, {}), loaded, pack, n, trunk) for m in cfg.methods}
+    return {f"unlearn_{m}": plan for m, plan in plans.items() if plan is not None}
 
 
 def stage_plan(
@@ -378,7 +512,8 @@ def stage_plan(
     plan: list[tuple[str, Work]] = []
     if any(METHODS[m].needs_saes for m in cfg.methods):
         forget, retain = pack.forget_split("train"), pack.retain_split("train")
-        work = _statistics_work(forget + retain, n, cfg.max_length, trunk)
+        cached = stats_cache_path(loaded, saes, forget, retain, cfg.max_length).exists()  # then only read
+        work = Work() if cached else _statistics_work(forget + retain, n, cfg.max_length, trunk)
         examples = forget[: cfg.examples_from] + retain[: cfg.examples_from]  # the report's top contexts
         plan.append(("feature_selection", work + _statistics_work(examples, n, cfg.max_length, trunk)))
     plan.append(("evaluate_base", _evaluation_work("base", "base", loaded, pack, cfg, n, trunk, False)))
@@ -389,7 +524,8 @@ def stage_plan(
     control_pending = not ev.relearning_for("base")
     for method in cfg.methods:
         options = cfg.method_options.get(method, {})
-        plan.append((f"unlearn_{method}", _method_work(method, options, loaded, pack, n, trunk)))
+        training = _training_plan(method, options, loaded, pack, n, trunk)
+        plan.append((f"unlearn_{method}", training.work if training is not None else Work()))
         first = base_levels_pending and METHODS[method].needs_saes
         base_levels_pending = base_levels_pending and not first
         work = _evaluation_work(method, method, loaded, pack, cfg, n, trunk, first)
@@ -400,36 +536,54 @@ def stage_plan(
     return plan
 
 
-def estimate(plan: Sequence[tuple[str, Work]], rates: Throughput) -> list[StageEstimate]:
-    """Seconds per stage: each stage's work divided by the measured rates."""
-    return [StageEstimate(stage, work.seconds(rates), work) for stage, work in plan]
+def estimate(
+    plan: Sequence[tuple[str, Work]], rates: Throughput, trainings: Mapping[str, TrainingPlan] | None = None
+) -> list[StageEstimate]:
+    """Seconds per stage: its work divided by the measured rates, or for a training stage whose steps were
+    timed (`rates.step_seconds`), from that time per step."""
+    trainings = trainings or {}
+
+    def seconds(stage: str, work: Work) -> float:
+        if stage in trainings and stage in rates.step_seconds:
+            return trainings[stage].seconds(rates, rates.step_seconds[stage])
+        return work.seconds(rates)
+
+    return [StageEstimate(stage, seconds(stage, work), work) for stage, work in plan]
 
 
 def estimate_compare(
     loaded: LoadedModel, pack: ConceptPack, cfg: CompareConfig, budget_s: float = 0.4
 ) -> tuple[list[StageEstimate], Throughput]:
-    """Probe throughput on the run's model and SAEs, then estimate every stage of `compare(cfg)`."""
+    """Probe throughput on the run's model and SAEs, time a few steps of each training method and of the
+    relearning attack on the run's own texts, then estimate every stage of `compare(cfg)`."""
     saes: list[LoadedSAE] = []
     if any(METHODS[m].needs_saes for m in cfg.methods):
         from sae_unlearn.saes import load_saes_for
 
         saes = load_saes_for(loaded, cfg.sae)
-    from sae_unlearn.evaluation.evaluate import relearn_config
-    from sae_unlearn.evaluation.relearning import autocast_dtype
-
-    attacks = any(cfg.eval.relearning_for(name) for name in ("base", *cfg.methods))
-    rcfg = relearn_config(cfg.eval)
-    rates = probe_throughput(
-        loaded, saes, budget_s, rcfg.dtype if attacks else None, autocast_dtype(loaded, rcfg.autocast)
-    )
-    return estimate(stage_plan(loaded, saes, pack, cfg), rates), rates
+    attack = None
+    if any(cfg.eval.relearning_for(name) for name in ("base", *cfg.methods)):
+        targets = [p for p in select_probes(pack, None, cfg.eval) if p.ring == "target"]
+        rcfg, split, _ = _attack_split(pack, targets, cfg)
+        firsts = {a.kind: a for a in reversed(rcfg.attacks) if split.texts(a.text) and split.scored}
+        timed = [(a, split.texts(a.text)) for a in firsts.values()]
+        attack = AttackProbe(timed, rcfg.dtype, rcfg.autocast) if timed else None
+    rates = probe_throughput(loaded, saes, budget_s, attack)
+    for method in cfg.methods:
+        options = cfg.method_options.get(method, {})
+        if METHODS[method].training_work(method_config(method, options), loaded, pack) is not None:
+            rates.step_seconds[f"unlearn_{method}"] = method_step_seconds(method, options, loaded, pack, saes, cfg.k)
+    plan = stage_plan(loaded, saes, pack, cfg)
+    return estimate(plan, rates, training_plans(loaded, saes, pack, cfg)), rates
 
 
 def estimate_to_dict(stages: Sequence[StageEstimate], rates: Throughput) -> dict[str, Any]:
+    """estimate.json's content (a rate that was not measured, because the run does not need it, is null)."""
+    measured = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(rates).items()}
     return {
         "stages": {s.stage: round(s.seconds, 1) for s in stages},
         "total_seconds": round(sum(s.seconds for s in stages), 1),
-        "throughput_per_second": asdict(rates),
+        "throughput_per_second": measured,
         "work": {s.stage: {k: round(v) for k, v in asdict(s.work).items() if v} for s in stages},
     }
 

@@ -252,6 +252,40 @@ def _measure(model: Any, tokenizer: Any, scored: Sequence[Probe], ppl_texts: Seq
     return {"target_acc": float(np.mean(right)) if right else float("nan"), "generic_ppl": ppl, "right": right}
 
 
+def trainable_for_attack(model: Any, attack: Attack) -> tuple[Any, torch.optim.Optimizer]:
+    """`model` (a private copy) made trainable as `attack` trains it (a LoRA adapter of its rank on every
+    projection, or every weight), with the attack's optimizer."""
+    model.requires_grad_(False)
+    if attack.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=attack.rank, lora_alpha=2 * attack.rank, target_modules=_lora_targets(model), lora_dropout=0.0
+        )
+        model = get_peft_model(model, config)
+    else:
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=attack.lr, weight_decay=0.0)
+
+
+def attack_step(
+    model: Any, opt: torch.optim.Optimizer, tokenizer: Any, texts: Sequence[str], attack: Attack, rng: random.Random
+) -> int:
+    """One optimizer step of next-token loss on a batch drawn from `texts`; returns the tokens it read."""
+    model.train()
+    batch = tokenize(
+        tokenizer, rng.sample(list(texts), min(attack.batch_size, len(texts))), attack.max_length, main_device(model)
+    )
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    valid = batch.valid[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1][valid].float(), batch.input_ids[:, 1:][valid])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return int(batch.attention_mask.sum())
+
+
 def fine_tune_attack(
     model: Any,
     tokenizer: Any,
@@ -266,19 +300,7 @@ def fine_tune_attack(
     if not texts:
         raise UserError(f"attack {attack.name}: no attack text", "the pack has too few texts free of scored answers")
     torch.manual_seed(seed)
-    model.requires_grad_(False)
-    if attack.kind == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=attack.rank, lora_alpha=2 * attack.rank, target_modules=_lora_targets(model), lora_dropout=0.0
-        )
-        model = get_peft_model(model, config)
-    else:
-        model.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=attack.lr, weight_decay=0.0)
-    device = main_device(model)  # a sharded model: its first device
+    model, opt = trainable_for_attack(model, attack)
     rng = random.Random(seed)
     curve = []
     for step in range(attack.steps + 1):
@@ -287,16 +309,7 @@ def fine_tune_attack(
             log.debug("attack %s seed %d step %d: %s", attack.name, seed, step, curve[-1]["target_acc"])
         if step == attack.steps:
             break
-        model.train()
-        batch = tokenize(
-            tokenizer, rng.sample(list(texts), min(attack.batch_size, len(texts))), attack.max_length, device
-        )
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        valid = batch.valid[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1][valid].float(), batch.input_ids[:, 1:][valid])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        attack_step(model, opt, tokenizer, texts, attack, rng)
     model.eval()
     return curve
 

@@ -182,6 +182,13 @@ def stats_key(
     )
 
 
+def stats_cache_path(
+    loaded: LoadedModel, saes: Sequence[LoadedSAE], forget: Sequence[str], retain: Sequence[str], max_length: int
+) -> Path:
+    """Where `compute_stats` keeps (and looks for) these statistics."""
+    return cache_dir() / "features" / f"{stats_key(loaded, saes, forget, retain, max_length)}.safetensors"
+
+
 def compute_stats(
     loaded: LoadedModel,
     saes: Sequence[LoadedSAE],
@@ -196,8 +203,7 @@ def compute_stats(
         raise UserError("the forget corpus is empty", "give the concept pack a forget file with text")
     if not retain:
         raise UserError("the retain corpus is empty", "give the concept pack a retain file with text")
-    key = stats_key(loaded, saes, forget, retain, max_length)
-    path = cache_dir() / "features" / f"{key}.safetensors"
+    path = stats_cache_path(loaded, saes, forget, retain, max_length)
     ranks = world()
     if use_cache and ranks.broadcast(path.exists()):  # data-parallel: the main rank's cache decides
         log.info("reusing cached feature statistics %s", path.name)

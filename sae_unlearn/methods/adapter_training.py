@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -178,6 +179,7 @@ class AdapterTrainer:
             fluent = self._adapter_tensors()  # the untrained adapter: what a failed first check restores
         try:
             while self.state.step < steps and not self.state.stopped_early:
+                started = time.perf_counter()
                 self.model.train()
                 self.opt.zero_grad(set_to_none=True)
                 try:
@@ -225,6 +227,7 @@ class AdapterTrainer:
                             self.state.step,
                             ratio,
                         )
+                record["seconds"] = round(time.perf_counter() - started, 3)  # the step and its fluency check
                 if ranks.is_main:
                     train_log.write(record)
                 if ctx.progress is not None and ranks.is_main:

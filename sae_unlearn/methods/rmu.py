@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,7 @@ class RmuMethod(Method):
             for p in params.values():
                 p.requires_grad_(True)
             for step in range(cfg.steps):
+                started = time.perf_counter()
                 # data-parallel: each rank a share of the global batches; the losses are its shares
                 f_texts = ranks.shard(epoch_batch(forget, cfg.batch_size, cfg.seed, step, 1))
                 r_texts = ranks.shard(epoch_batch(retain, cfg.batch_size, cfg.seed, step, 2))
@@ -235,7 +237,8 @@ class RmuMethod(Method):
                 terms = dict(zip(shares, values, strict=True))  # the global terms (each rank holds a share)
                 record_total = terms.pop("total")
                 if ranks.is_main:
-                    train_log.write({"step": step + 1, "total": record_total, **terms})
+                    seconds = round(time.perf_counter() - started, 3)
+                    train_log.write({"step": step + 1, "total": record_total, **terms, "seconds": seconds})
                 if ctx.progress is not None and ranks.is_main:
                     ctx.progress(step + 1, cfg.steps, terms)
             weights = {k: master[k].detach().to(loaded.dtype).contiguous() for k in params}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -12,17 +13,23 @@ import torch
 from sae_unlearn.concepts.pack import load_pack
 from sae_unlearn.evaluation.compare import CompareConfig
 from sae_unlearn.evaluation.estimate import (
+    AttackProbe,
     Throughput,
+    TrainingPlan,
     Work,
     estimate,
     estimate_against_measured,
     measured_stage_seconds,
+    method_step_seconds,
+    padded_batch_tokens,
     probe_throughput,
     stage_plan,
+    training_plans,
 )
 from sae_unlearn.evaluation.evaluate import EvalConfig
+from sae_unlearn.evaluation.relearning import Attack
 from sae_unlearn.saes.loading import LoadedSAE
-from tests.conftest import tiny_sae
+from tests.conftest import FORGET, tiny_sae
 
 RATES = Throughput(
     forward_tokens=1000.0,
@@ -92,6 +99,18 @@ def test_plan_follows_the_compare_stages_and_settings(loaded, pack_dir: Path) ->
     assert longer["feature_selection"].sae_tokens < plan["feature_selection"].sae_tokens
 
 
+def test_cached_feature_statistics_are_not_costed_again(loaded, pack_dir: Path) -> None:
+    from sae_unlearn.features.statistics import compute_stats
+
+    pack, saes, cfg = load_pack(pack_dir), _saes(), _cfg()
+    fresh = dict(stage_plan(loaded, saes, pack, cfg))["feature_selection"]
+    compute_stats(loaded, saes, pack.forget_split("train"), pack.retain_split("train"), max_length=cfg.max_length)
+    cached = dict(stage_plan(loaded, saes, pack, cfg))["feature_selection"]
+    assert 0 < cached.sae_tokens < fresh.sae_tokens  # the report's contexts are still read
+    other_length = dict(stage_plan(loaded, saes, pack, _cfg(max_length=32)))["feature_selection"]
+    assert other_length.sae_tokens > cached.sae_tokens  # other statistics: not in the cache
+
+
 def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
     pack = load_pack(pack_dir)
     ev = EvalConfig(probe_split="all", letter=False, relearn_steps=4, relearn_eval_at=[0, 4], robustness_for=["crisp"])
@@ -105,6 +124,10 @@ def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
     crisp_alone, crisp_after_base = alone["evaluate_crisp"], with_base["evaluate_crisp"]
     assert crisp_alone.attack_train_tokens == 2 * crisp_after_base.attack_train_tokens > 0
     assert with_base["evaluate_base"].attack_train_tokens == crisp_after_base.attack_train_tokens
+    assert with_base["evaluate_base"].full_attack_train_tokens == 0
+    full_grid = replace(ev, robustness_for=["base"], relearn_grid="full")  # LoRA and full fine-tunes, same texts
+    full = dict(stage_plan(loaded, _saes(), built_in, _cfg(eval=full_grid)))["evaluate_base"]
+    assert full.full_attack_train_tokens == pytest.approx(full.attack_train_tokens) and full.attack_train_tokens > 0
     with_letter = dict(
         stage_plan(
             loaded,
@@ -119,17 +142,93 @@ def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
     )
 
 
-def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> None:
-    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    rates = probe_throughput(loaded, _saes(), budget_s=0.01, attack_dtype="float32")
-    names = ("forward_tokens", "lm_head_rows", "sae_tokens", "train_tokens", "lm_train_tokens", "generated_tokens")
-    for name in (*names, "attack_train_tokens", "attack_forward_tokens"):
-        value = getattr(rates, name)
-        assert value > 0 and math.isfinite(value), name
-    assert rates.dtype == "float32" and rates.device == "cpu"
+def _state(loaded) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+
+def _assert_unchanged(loaded, before: dict[str, torch.Tensor]) -> None:
     after = loaded.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert not any("lora" in name for name, _ in loaded.model.named_modules())
+
+
+def test_probe_measures_positive_rates_and_leaves_the_model_alone(loaded) -> None:
+    before = _state(loaded)
+    attacks = [Attack("lora_r16", batch_size=2, max_length=32), Attack("full_ft", "full", 2e-5, batch_size=2)]
+    rates = probe_throughput(
+        loaded, _saes(), 0.01, AttackProbe([(a, FORGET[:4]) for a in attacks], "float32", "float32")
+    )
+    names = ("forward_tokens", "lm_head_rows", "sae_tokens", "train_tokens", "lm_train_tokens", "generated_tokens")
+    for name in (*names, "attack_train_tokens", "full_attack_train_tokens", "attack_forward_tokens"):
+        value = getattr(rates, name)
+        assert value > 0 and math.isfinite(value), name
+    assert rates.dtype == "float32" and rates.device == "cpu"
+    _assert_unchanged(loaded, before)
+    no_attack = probe_throughput(loaded, _saes(), budget_s=0.01)
+    assert math.isinf(no_attack.attack_train_tokens)  # not timed: the run attacks nothing
+    _assert_unchanged(loaded, before)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("crisp", {"batch_size": 2, "max_length": 32, "fluency_every": 2, "checkpoint_every": 1}),
+        ("rmu", {"batch_size": 2, "max_length": 32}),
+        ("npo", {"batch_size": 2, "max_length": 32, "fluency_every": 2}),
+    ],
+)
+def test_a_methods_own_steps_are_timed_without_changing_the_model_or_the_rng(
+    loaded, pack_dir: Path, method: str, options: dict
+) -> None:
+    pack, saes = load_pack(pack_dir), _saes()  # tiny_sae seeds the global RNG
+    before, rng = _state(loaded), torch.get_rng_state()
+    seconds = method_step_seconds(method, options, loaded, pack, saes, features_per_layer=3)
+    assert seconds > 0 and math.isfinite(seconds)
+    _assert_unchanged(loaded, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_timed_step_replaces_the_token_rates_for_its_training_stage() -> None:
+    """Steps 1 and 2 are timed: the frozen model's work in them (when they fall in the frozen steps) is
+    taken out of the time per step and added back for the steps that have it."""
+    # at RATES: a step 1 s, the frozen work 1 s, the fluency checks 1 s
+    plan = TrainingPlan(
+        steps=10,
+        step=Work(train_tokens=250),
+        frozen=Work(forward_tokens=1000),
+        frozen_steps=4,
+        rest=Work(generated_tokens=20),
+    )
+    assert plan.work == Work(train_tokens=2500, forward_tokens=4000, generated_tokens=20)
+    assert plan.seconds(RATES) == pytest.approx(10 + 4 + 1)
+    assert plan.seconds(RATES, step_seconds=3.0) == pytest.approx(10 * 2 + 4 + 1)
+    cached_early = replace(plan, frozen_steps=1)  # the timed steps have no frozen work in them
+    assert cached_early.seconds(RATES, step_seconds=3.0) == pytest.approx(10 * 3 + 1 + 1)
+    assert plan.seconds(RATES, step_seconds=0.5) == pytest.approx(0 + 4 + 1)  # never below the frozen work
+
+    rates = replace(RATES, step_seconds={"unlearn_x": 3.0})
+    stages = estimate([("unlearn_x", plan.work), ("evaluate_x", Work(generated_tokens=20))], rates, {"unlearn_x": plan})
+    assert [s.seconds for s in stages] == [pytest.approx(25.0), pytest.approx(1.0)]
+    assert estimate([("unlearn_x", plan.work)], RATES, {"unlearn_x": plan})[0].seconds == pytest.approx(15.0)
+
+
+def test_training_plans_are_the_training_stages_work(loaded, pack_dir: Path) -> None:
+    pack, cfg = load_pack(pack_dir), _cfg()
+    plans = training_plans(loaded, _saes(), pack, cfg)
+    assert list(plans) == ["unlearn_crisp", "unlearn_rmu"]  # clamp trains nothing
+    staged = dict(stage_plan(loaded, _saes(), pack, cfg))
+    assert all(plans[stage].work == staged[stage] for stage in plans)
+    assert plans["unlearn_rmu"].frozen_steps == 10  # RMU reads the frozen retain states every step
+
+
+def test_attack_batches_are_costed_padded_to_their_longest_text() -> None:
+    lengths = [1, 2, 3, 10]
+    for batch in (1, 2, 3, 4, 6):
+        draws = list(itertools.combinations(lengths, min(batch, len(lengths))))
+        brute = sum(len(d) * max(d) for d in draws) / len(draws)
+        assert padded_batch_tokens(lengths, batch) == pytest.approx(brute)
+    assert padded_batch_tokens(lengths, 2) == pytest.approx(2 * 38 / 6)
 
 
 def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Path, tmp_path: Path) -> None:
@@ -148,6 +247,10 @@ def test_demo_prints_and_saves_the_estimate(loaded, sae_dir: Path, pack_dir: Pat
     assert all(v >= 0 for v in saved["stages"].values()) and saved["total_seconds"] > 0
     assert saved["compute_dtype"]["dtype"] == "float32"
     assert saved["throughput_per_second"]["forward_tokens"] > 0
+    assert set(saved["throughput_per_second"]["step_seconds"]) == {"unlearn_crisp", "unlearn_rmu"}
+    # the tiny pack leaves no attack text: the attack is not timed, and the file stays standard JSON
+    assert saved["throughput_per_second"]["attack_train_tokens"] is None
+    assert "Infinity" not in (out / "estimate.json").read_text()
 
 
 def test_estimate_is_checked_against_the_measured_stage_times(tmp_path: Path) -> None:

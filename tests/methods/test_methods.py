@@ -152,6 +152,7 @@ def test_crisp_retain_kl_term_is_logged(setup, tmp_path: Path) -> None:
     )
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert all(r["retain_kl"] >= 0 for r in records) and records[-1]["retain_kl"] > 0
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and all(r["seconds"] > 0 for r in records)
 
 
 @pytest.mark.parametrize("limits", [{"max_fluency_ratio": 0.0}, {"max_repetition_increase": -1.0}])
