@@ -444,7 +444,7 @@ def _evaluation_work(
         for variant in adversarial_probes(targets, pack.probe_split("tune")).values():
             work += _logprob_work(variant, n)
     if targets and ev.relearning_for(name):
-        work += _relearning_work(pack, targets, cfg, n)
+        work += _relearning_work(pack, targets, cfg, n, base_reference=name == "base")
     return work
 
 
@@ -471,17 +471,22 @@ def _attack_split(pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfi
     return rcfg, split, generic[: rcfg.ppl_texts]
 
 
-def _relearning_work(pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfig, n: _Lengths) -> Work:
+def _relearning_work(
+    pack: ConceptPack, targets: Sequence[Probe], cfg: CompareConfig, n: _Lengths, base_reference: bool
+) -> Work:
     """The fact-disjoint attacks (evaluation/relearning.py) on one model: every attack of the grid, each
     measured at its eval steps on the scored half and the generic perplexity texts. The base model's
-    curves double as the methods' controls (computed once per compare, in the base evaluation). A training
-    step reads its batch padded to the longest text in it."""
+    curves double as the methods' controls (computed once per compare, in the base evaluation), as does its
+    unattacked measurement (`base_reference`: this stage computes it). A training step reads its batch
+    padded to the longest text in it."""
     rcfg, split, ppl_texts = _attack_split(pack, targets, cfg)
     measure = _logprob_work(split.scored, n) + _ppl_work(ppl_texts, n)
-    work = Work()
+    if not split.scored:
+        return Work()
+    work = Work(attack_forward_tokens=measure.forward_tokens) if base_reference else Work()
     for attack in rcfg.attacks:
         texts = split.texts(attack.text)
-        if not texts or not split.scored:
+        if not texts:
             continue
         trained = attack.steps * padded_batch_tokens([n(t, attack.max_length) for t in texts], attack.batch_size)
         one = Work(
@@ -531,7 +536,8 @@ def stage_plan(
         work = _evaluation_work(method, method, loaded, pack, cfg, n, trunk, first)
         if control_pending and ev.relearning_for(method):
             targets = [p for p in select_probes(pack, None, ev) if p.ring == "target"]
-            work, control_pending = work + _relearning_work(pack, targets, cfg, n), False
+            control = _relearning_work(pack, targets, cfg, n, base_reference=True)
+            work, control_pending = work + control, False
         plan.append((f"evaluate_{method}", work))
     return plan
 

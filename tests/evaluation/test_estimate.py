@@ -125,6 +125,10 @@ def test_plan_attacks_only_the_models_asked_for(loaded, pack_dir: Path) -> None:
     assert crisp_alone.attack_train_tokens == 2 * crisp_after_base.attack_train_tokens > 0
     assert with_base["evaluate_base"].attack_train_tokens == crisp_after_base.attack_train_tokens
     assert with_base["evaluate_base"].full_attack_train_tokens == 0
+    # the base model's unattacked measurement, cached like its curves, is paid once, where they are computed
+    reference = with_base["evaluate_base"].attack_forward_tokens - crisp_after_base.attack_forward_tokens
+    assert reference > 0
+    assert crisp_alone.attack_forward_tokens - 2 * crisp_after_base.attack_forward_tokens == pytest.approx(reference)
     full_grid = replace(ev, robustness_for=["base"], relearn_grid="full")  # LoRA and full fine-tunes, same texts
     full = dict(stage_plan(loaded, _saes(), built_in, _cfg(eval=full_grid)))["evaluate_base"]
     assert full.full_attack_train_tokens == pytest.approx(full.attack_train_tokens) and full.attack_train_tokens > 0
