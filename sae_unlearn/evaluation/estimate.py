@@ -215,11 +215,16 @@ def _attack_rates(
 
 
 def probe_throughput(
-    loaded: LoadedModel, saes: Sequence[LoadedSAE], budget_s: float = 0.4, attack: AttackProbe | None = None
+    loaded: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    budget_s: float = 0.4,
+    attack: AttackProbe | None = None,
+    train_rates: bool = True,
 ) -> Throughput:
     """Measure each rate on the run's own model and SAEs (seconds in all; the model is not changed). With
     `attack`, its training rate comes from real attack steps (evaluation/relearning.py's `attack_step` on a
-    copy made as the attacks make it, its texts padded as they are) and its forward rate from that copy."""
+    copy made as the attacks make it, its texts padded as they are) and its forward rate from that copy.
+    `train_rates` False: no synthetic training steps (a caller that times each method's own steps)."""
     started = time.perf_counter()
     device = loaded.device
     vocab = int(loaded.model.config.get_text_config().vocab_size)
@@ -248,7 +253,7 @@ def probe_throughput(
             len(prompts) * new_tokens,
             budget_s,
         )
-    train_rate, lm_train_rate = _train_rates(loaded, ids, mask, budget_s)
+    train_rate, lm_train_rate = _train_rates(loaded, ids, mask, budget_s) if train_rates else (math.inf, math.inf)
     attack_rates = (
         {a.kind: _attack_rates(loaded, a, texts, attack, ids, mask, budget_s) for a, texts in attack.attacks}
         if attack
@@ -574,13 +579,13 @@ def estimate_compare(
         firsts = {a.kind: a for a in reversed(rcfg.attacks) if split.texts(a.text) and split.scored}
         timed = [(a, split.texts(a.text)) for a in firsts.values()]
         attack = AttackProbe(timed, rcfg.dtype, rcfg.autocast) if timed else None
-    rates = probe_throughput(loaded, saes, budget_s, attack)
-    for method in cfg.methods:
+    trainings = training_plans(loaded, saes, pack, cfg)
+    rates = probe_throughput(loaded, saes, budget_s, attack, train_rates=False)  # every training stage is timed
+    for stage in trainings:
+        method = stage.removeprefix("unlearn_")
         options = cfg.method_options.get(method, {})
-        if METHODS[method].training_work(method_config(method, options), loaded, pack) is not None:
-            rates.step_seconds[f"unlearn_{method}"] = method_step_seconds(method, options, loaded, pack, saes, cfg.k)
-    plan = stage_plan(loaded, saes, pack, cfg)
-    return estimate(plan, rates, training_plans(loaded, saes, pack, cfg)), rates
+        rates.step_seconds[stage] = method_step_seconds(method, options, loaded, pack, saes, cfg.k)
+    return estimate(stage_plan(loaded, saes, pack, cfg), rates, trainings), rates
 
 
 def estimate_to_dict(stages: Sequence[StageEstimate], rates: Throughput) -> dict[str, Any]:
